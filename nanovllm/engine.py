@@ -1,0 +1,188 @@
+"""LLMEngine: tokenizer, scheduler and executor, stepped one batch plan at a time."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+from typing import Dict, List, Optional, Sequence as Seq, Tuple, Union
+
+from nanovllm.block_manager import BlockManager
+from nanovllm.config import EngineConfig
+from nanovllm.detokenizer import IncrementalDetokenizer
+from nanovllm.executor import Executor
+from nanovllm.outputs import CompletionOutput, RequestOutput
+from nanovllm.sampling_params import SamplingParams
+from nanovllm.scheduler import Scheduler
+from nanovllm.sequence import Sequence
+from parallel.protocol import SamplingFields
+
+Prompt = Union[str, List[int], dict]
+
+
+def _eos_token_ids(model_dir: str, hf_config: dict, tokenizer) -> List[int]:
+    ids = []
+    path = os.path.join(model_dir, "generation_config.json")
+    sources = [hf_config.get("eos_token_id")]
+    if os.path.isfile(path):
+        with open(path) as f:
+            sources.insert(0, json.load(f).get("eos_token_id"))
+    if tokenizer is not None:
+        sources.append(tokenizer.eos_token_id)
+    for value in sources:
+        for v in (value if isinstance(value, list) else [value]):
+            if isinstance(v, int) and v not in ids:
+                ids.append(v)
+    return ids
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, skip_tokenizer_init: bool = False):
+        self.config = config.finalize()
+        self.tokenizer = None if skip_tokenizer_init else self._load_tokenizer()
+        self.vocab_size = config.hf_config["vocab_size"]
+        self.eos_token_ids = _eos_token_ids(config.model_dir, config.hf_config, self.tokenizer)
+        self.executor = Executor(config)
+        self.block_manager = BlockManager(self.executor.num_kv_blocks, config.kvcache_block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.seed_rng = random.Random(config.seed)  # seeds for requests that bring none: reproducible per run
+        self.seq_ids = itertools.count()
+        self.requests: Dict[str, Sequence] = {}
+        self.detokenizers: Dict[int, IncrementalDetokenizer] = {}
+
+    def _load_tokenizer(self):
+        from transformers import AutoTokenizer
+        path = self.config.tokenizer or self.config.model_dir
+        try:
+            return AutoTokenizer.from_pretrained(path)
+        except Exception as e:
+            raise ValueError(f"could not load a tokenizer from {path} ({type(e).__name__}: {e}); pass "
+                             "tokenizer=... or skip_tokenizer_init=True and give prompts as token ids") from e
+
+    # ---- requests ----------------------------------------------------------------------------------------
+
+    def prepare_request(self, prompt: Prompt, params: SamplingParams) -> Tuple[Optional[str], List[int], int]:
+        """Validate one request before anything is queued: returns (text, token ids, max_tokens)."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        text = None
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                prompt = prompt["prompt_token_ids"]
+            elif "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer (the engine was started with skip_tokenizer_init)")
+            text, token_ids = prompt, self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)):
+            token_ids = list(prompt)
+            bad = [t for t in token_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        else:
+            raise TypeError(f"a prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        limit = self.config.max_model_len
+        if len(token_ids) >= limit:
+            raise ValueError(f"the prompt has {len(token_ids)} tokens, max_model_len is {limit}: no room to generate")
+        max_tokens = params.max_tokens if params.max_tokens is not None else limit - len(token_ids)
+        if len(token_ids) + max_tokens > limit:
+            raise ValueError(f"prompt ({len(token_ids)} tokens) + max_tokens ({max_tokens}) exceeds max_model_len "
+                             f"({limit})")
+        return text, token_ids, max_tokens
+
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams,
+                    prepared: Optional[tuple] = None) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, token_ids, max_tokens = prepared or self.prepare_request(prompt, params)
+        stop_ids = []
+        if params.min_tokens:
+            stop_ids = list(params.stop_token_ids or []) + ([] if params.ignore_eos else self.eos_token_ids)
+        seed = params.seed if params.seed is not None else self.seed_rng.getrandbits(32)
+        fields = SamplingFields(
+            temperature=float(params.temperature), top_p=float(params.top_p), top_k=params.top_k,
+            min_p=float(params.min_p), repetition_penalty=float(params.repetition_penalty),
+            presence_penalty=float(params.presence_penalty), frequency_penalty=float(params.frequency_penalty),
+            min_tokens=params.min_tokens, seed=seed % (1 << 32), stop_token_ids=stop_ids)
+        seq = Sequence(next(self.seq_ids), request_id, token_ids, params, fields.__dict__, max_tokens, text)
+        self.requests[request_id] = seq
+        if params.stop_strings and self.tokenizer is not None:
+            self.detokenizers[seq.seq_id] = IncrementalDetokenizer(self.tokenizer)
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> Optional[RequestOutput]:
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, "abort")
+        self.detokenizers.pop(seq.seq_id, None)
+        return self._output(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step ----------------------------------------------------------------------------------------
+
+    def step(self) -> Tuple[List[RequestOutput], int, int]:
+        """Run one batch; returns (outputs finished this step, prefill tokens, decode tokens)."""
+        plan, scheduled = self.scheduler.schedule()
+        if not scheduled:
+            raise RuntimeError("the scheduler could not schedule any request")
+        result = self.executor.execute(plan)
+        self.scheduler.on_step_done(scheduled)
+        by_id = {seq.seq_id: seq for seq, _ in scheduled}
+        num_decode = sum(1 for seq, n in scheduled if n == 1 and seq.num_output_tokens > 0)
+        num_prefill = sum(n for _, n in scheduled) - num_decode
+        finished = []
+        for req_id, token in zip(result.req_ids, result.token_ids):
+            seq = by_id[req_id]
+            self.scheduler.append_token(seq, token)
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                self.requests.pop(seq.request_id, None)
+                self.detokenizers.pop(seq.seq_id, None)
+                finished.append(self._output(seq))
+        return finished, num_prefill, num_decode
+
+    def _stop_reason(self, seq: Sequence, token: int) -> Optional[str]:
+        params = seq.params
+        past_min = seq.num_output_tokens >= params.min_tokens
+        if past_min and not params.ignore_eos and token in self.eos_token_ids:
+            return "stop"
+        if past_min and params.stop_token_ids and token in params.stop_token_ids:
+            return "stop"
+        detok = self.detokenizers.get(seq.seq_id)
+        if detok is not None:
+            delta = detok.step(seq.output_token_ids)
+            seq.text += delta
+            if past_min and delta:
+                for stop in params.stop_strings:
+                    # only the part that the new text could have completed needs searching
+                    idx = seq.text.find(stop, max(0, len(seq.text) - len(delta) - len(stop) + 1))
+                    if idx >= 0:
+                        seq.text = seq.text[:idx]
+                        return "stop"
+        if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            return "length"
+        return None
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        if seq.seq_id in self.detokenizers or seq.params.stop_strings:
+            text = seq.text
+        elif self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        else:
+            text = ""
+        completion = CompletionOutput(0, text, seq.output_token_ids, seq.finish_reason)
+        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [completion],
+                             finished=seq.is_finished, num_cached_tokens=seq.num_cached_tokens)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

@@ -1,0 +1,116 @@
+"""Sampling: penalties, min_tokens, temperature, top-k, top-p, min-p, then a seeded draw.
+
+The draw uses the exponential-race trick: ``argmax(p_i / E_i)`` with ``E_i ~ Exp(1)`` samples ``i`` with
+probability ``p_i``. The ``E_i`` come from a counter-based hash of (request seed, output position, token id),
+so a request's tokens depend only on its own seed and logits: not on what else is in the batch, not on
+the tensor-parallel size, not on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+_M32 = 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer on int64 tensors (constants < 2**31, so no product overflows int64)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & _M32
+    return x ^ (x >> 16)
+
+
+def seeded_exponential(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B, V] Exp(1) noise, a pure function of (seed, position, token id)."""
+    key = _hash32(_hash32(seeds & _M32) ^ (positions & _M32))
+    token = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
+    bits = _hash32(_hash32(key[:, None] ^ token[None, :]) ^ key[:, None])
+    uniform = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
+    return -torch.log(uniform)
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling parameters of the sequences that sample this step, as device tensors."""
+
+    temperatures: torch.Tensor  # [B] float32, 0 = greedy
+    top_ks: torch.Tensor  # [B] int64, <= 0 = off
+    top_ps: torch.Tensor  # [B] float32
+    min_ps: torch.Tensor  # [B] float32
+    seeds: torch.Tensor  # [B] int64
+    positions: torch.Tensor  # [B] int64, index of the token being sampled among the outputs
+    all_greedy: bool
+    use_top_k: bool
+    use_top_p: bool
+    use_min_p: bool
+    # penalties (None when no row uses them): histories as padded id lists
+    repetition_penalties: Optional[torch.Tensor] = None
+    presence_penalties: Optional[torch.Tensor] = None
+    frequency_penalties: Optional[torch.Tensor] = None
+    prompt_ids: Optional[torch.Tensor] = None  # [B, Lp] int64, padded with vocab_size
+    output_ids: Optional[torch.Tensor] = None  # [B, Lo] int64, padded with vocab_size
+    # rows still under min_tokens, and the ids they must not sample yet
+    banned: Optional[List[tuple]] = None  # [(row, [token ids])]
+
+
+def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    B, V = logits.shape
+    out_counts = torch.zeros(B, V + 1, dtype=logits.dtype, device=logits.device)
+    out_counts.scatter_add_(1, batch.output_ids, torch.ones_like(batch.output_ids, dtype=logits.dtype))
+    out_counts = out_counts[:, :V]
+    seen = out_counts > 0
+    prompt_seen = torch.zeros(B, V + 1, dtype=torch.bool, device=logits.device)
+    prompt_seen.scatter_(1, batch.prompt_ids, True)
+    seen_any = seen | prompt_seen[:, :V]
+    # repetition penalty (CTRL paper, as transformers/vLLM): divide positive logits, multiply negative ones
+    rep = batch.repetition_penalties[:, None]
+    penalized = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen_any, penalized, logits)
+    logits = logits - batch.frequency_penalties[:, None] * out_counts
+    return logits - batch.presence_penalties[:, None] * seen.to(logits.dtype)
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """[B, V] logits -> [B] token ids."""
+    logits = logits.float()
+    if batch.repetition_penalties is not None:
+        logits = _apply_penalties(logits, batch)
+    if batch.banned:
+        for row, ids in batch.banned:
+            logits[row, ids] = float("-inf")
+    greedy = logits.argmax(dim=-1)
+    if batch.all_greedy:
+        return greedy
+    temps = torch.where(batch.temperatures > 0, batch.temperatures, torch.ones_like(batch.temperatures))
+    logits = logits / temps[:, None]
+    if batch.use_top_k or batch.use_top_p:
+        logits = _top_k_top_p(logits, batch)
+    probs = logits.softmax(dim=-1)
+    if batch.use_min_p:
+        top = probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < batch.min_ps[:, None] * top, 0.0)
+    noise = seeded_exponential(batch.seeds, batch.positions, logits.shape[-1])
+    sampled = (probs / noise).argmax(dim=-1)
+    return torch.where(batch.temperatures > 0, sampled, greedy)
+
+
+def _top_k_top_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    V = logits.shape[-1]
+    rank = torch.arange(V, device=logits.device)[None, :]
+    remove = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    if batch.use_top_k:
+        k = torch.where(batch.top_ks > 0, batch.top_ks, torch.full_like(batch.top_ks, V))
+        remove |= rank >= k[:, None]
+    if batch.use_top_p:
+        probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        mass_before = probs.cumsum(dim=-1) - probs
+        remove |= mass_before >= batch.top_ps[:, None]
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)

@@ -1,0 +1,99 @@
+"""The worker process: connect, receive the init message, load the model, then apply plans in order.
+
+Started either by the engine (``multiprocessing`` spawn, one per device) or by torchrun (ranks >= 1 run
+``run_torchrun_worker``; rank 0's process hosts the scheduler and spawns its local worker). Any exception
+is sent to the engine as a ``WorkerError`` naming this rank before the process exits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import sys
+import traceback
+
+from parallel.channels import WorkerChannel
+from parallel.distributed import TORCHRUN_ADDRESS_KEY, init_parallel, torchrun_env, torchrun_store
+from parallel.protocol import (AllocateKVCache, Hello, Init, KVCacheReady, ProtocolError, Ready, Shutdown,
+                               StepPlan, WorkerConfig, WorkerError, decode)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this process when its parent dies, so no worker outlives a killed engine."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _recv(channel: WorkerChannel, parent_pid: int):
+    """Block until the engine sends a message; exit if the parent process is gone."""
+    while not channel.poll(1000):
+        if parent_pid and os.getppid() != parent_pid:
+            sys.exit(1)
+    return decode(channel.recv_bytes())
+
+
+def _expect(message, kind):
+    if not isinstance(message, kind):
+        raise ProtocolError(f"expected {kind.__name__}, got {type(message).__name__}")
+    return message
+
+
+def worker_main(address: str, rank: int, local_rank: int, parent_pid: int = 0) -> None:
+    if parent_pid:
+        _die_with_parent()
+    channel = WorkerChannel(address, rank)
+    try:
+        channel.send(Hello(rank=rank, pid=os.getpid(), host=socket.gethostname()))
+        init = _expect(_recv(channel, parent_pid), Init)
+        config = WorkerConfig(**init.config)
+        serve(channel, config, rank, local_rank, parent_pid)
+    except BaseException as e:  # report everything, including KeyboardInterrupt, then exit non-zero
+        if isinstance(e, SystemExit) and not e.code:
+            raise
+        try:
+            channel.send(WorkerError(rank=rank, message=f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        finally:
+            channel.close()
+        os._exit(1)
+    channel.close()
+
+
+def serve(channel: WorkerChannel, config: WorkerConfig, rank: int, local_rank: int, parent_pid: int) -> None:
+    import torch
+
+    from workers.model_runner import ModelRunner
+
+    if config.device == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        # share the cores among the workers of this host instead of oversubscribing them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.world_size))
+    ctx = init_parallel(config.dist_init, rank, config.world_size, config.device)
+    runner = ModelRunner(config, ctx, device)
+    channel.send(Ready(rank=rank, num_kv_blocks=runner.max_num_kv_blocks()))
+    runner.allocate_kv_cache(_expect(_recv(channel, parent_pid), AllocateKVCache).num_kv_blocks)
+    channel.send(KVCacheReady(rank=rank))
+    while True:
+        message = _recv(channel, parent_pid)
+        if isinstance(message, Shutdown):
+            break
+        result = runner.execute(_expect(message, StepPlan))
+        if result is not None:
+            channel.send(result)
+    if ctx.world_size > 1:
+        torch.distributed.destroy_process_group()
+
+
+def run_torchrun_worker() -> None:
+    """Entry point of torchrun ranks >= 1: find the engine's address in torchrun's store, then serve."""
+    env = torchrun_env()
+    if env is None:
+        raise RuntimeError("run_torchrun_worker() must be started by torchrun")
+    address = torchrun_store().get(TORCHRUN_ADDRESS_KEY).decode()
+    worker_main(address, env["rank"], env["local_rank"])
