@@ -62,7 +62,10 @@ def _store_kvcache_kernel(
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     # slot < 0 (padding) -> the whole row is masked off: nothing read, nothing written.
-    mask = (offs_h[:, None] < NUM_HEADS) & (offs_d[None, :] < HEAD_DIM) & (slot >= 0)
+    # (The scalar condition is folded into a bound rather than and-ed with a block mask: the Triton
+    # interpreter mis-types scalar & block boolean masks.)
+    num_heads = tl.where(slot >= 0, NUM_HEADS, 0)
+    mask = (offs_h[:, None] < num_heads) & (offs_d[None, :] < HEAD_DIM)
     k = tl.load(Key + tok * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :] * stride_kd,
                 mask=mask, other=0.0)
     v = tl.load(Value + tok * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :] * stride_vd,
@@ -246,14 +249,14 @@ def _decode_split_kernel(
     else:
         # Partial result of a non-empty split: normalized output + log2-sum-exp2. Empty splits write
         # nothing; the reducer recomputes which splits are non-empty from context_len.
-        valid = start < ctx
+        mask_hv = offs_h < tl.where(start < ctx, GROUP, 0)  # empty split: no heads stored
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         o = acc / l_safe[:, None]
         lse = m_i + tl.log2(l_safe)
         row = (pid_b.to(tl.int64) * (GROUP * tl.num_programs(1)) + heads) * NUM_SPLITS + sid  # [B, Hq, S]
-        tl.store(LseWs + row, lse, mask=mask_h & valid)
+        tl.store(LseWs + row, lse, mask=mask_hv)
         tl.store(OWs + row[:, None] * BLOCK_D + offs_d[None, :], o,
-                 mask=mask_h[:, None] & mask_d[None, :] & valid)
+                 mask=mask_hv[:, None] & mask_d[None, :])
 
 
 @triton.jit
