@@ -148,11 +148,18 @@ class _GGUFFile:
     """The parts of a GGUF file the converter needs: metadata as plain Python values, and tensors."""
 
     def __init__(self, path: Path):
-        import gguf  # optional dependency (`pip install nanovllm[gguf]`)
-
+        gguf = _import_gguf()
         self.path = path
+        invalid = f"{path} is not a valid GGUF file"
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if not magic:
+            raise ValueError(f"{invalid}: the file is empty")
+        if magic != b"GGUF":
+            raise ValueError(f"{invalid}: it does not start with the GGUF magic bytes "
+                             f"(found {magic!r})")
         # GGUFReader parses the whole header eagerly and memory-maps the data, so a truncated or
-        # garbage file fails here with some low-level error (struct/numpy/Unicode/enum errors);
+        # damaged file fails here with some low-level error (struct/numpy/Unicode/enum errors);
         # we turn every such failure into one clear message.
         try:
             reader = gguf.GGUFReader(str(path))
@@ -161,12 +168,13 @@ class _GGUFFile:
             self.tensors = list(reader.tensors)
             size = path.stat().st_size
             for tensor in self.tensors:
-                # The reader builds each tensor as a view of the memory map; a file cut short
-                # inside the data section can still leave a view that ends past the file.
+                # The reader builds each tensor as a view of the memory map; make sure none of
+                # them would end past the end of the file.
                 if tensor.data_offset + tensor.n_bytes > size:
                     raise ValueError(f"tensor {tensor.name!r} extends past the end of the file")
         except Exception as exc:  # noqa: BLE001 - any parse failure means "not a valid GGUF"
-            raise ValueError(f"{path} is not a valid GGUF file: {type(exc).__name__}: {exc}") from exc
+            raise ValueError(f"{invalid}: it is truncated or corrupt "
+                             f"({type(exc).__name__}: {exc})") from exc
 
     def get(self, key: str, default=None):
         return self.metadata.get(key, default)
@@ -175,6 +183,15 @@ class _GGUFFile:
         if key not in self.metadata:
             raise ValueError(f"{self.path}: required GGUF metadata key {key!r} is missing")
         return self.metadata[key]
+
+
+def _import_gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError("reading GGUF files needs the gguf package: "
+                          "pip install 'nanovllm[gguf]' (or pip install gguf)") from None
+    return gguf
 
 
 def _field_value(field, value_types):
@@ -301,6 +318,9 @@ def _map_tensor_names(g: _GGUFFile, arch: str) -> dict[str, object]:
         name = tensor.name
         if name in _GLOBAL_TENSORS:
             hf_name = _GLOBAL_TENSORS[name]
+        elif name == "rope_freqs.weight":
+            raise ValueError(f"{g.path}: tensor 'rope_freqs.weight' holds Llama-3.1-style rope "
+                             f"scaling factors, which this converter does not support")
         else:
             parts = name.split(".", 2)  # blk, N, leaf
             if (len(parts) != 3 or parts[0] != "blk" or not parts[1].isdigit()

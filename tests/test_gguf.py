@@ -473,10 +473,16 @@ def test_unsupported_tensor_type_is_named(tmp_path):
 
 
 def test_unknown_tensor_name_is_an_error(tmp_path):
+    path = tmp_path / "fused.gguf"
+    write_tiny_gguf(path, "llama", Q.F32,
+                    extra_tensors={"blk.0.attn_qkv.weight": (np.ones((8, 32), np.float32), Q.F32)})
+    with pytest.raises(ValueError, match=r"unknown tensor 'blk\.0\.attn_qkv\.weight'"):
+        convert_gguf(path, tmp_path / "out")
+    # Llama 3.1's rope scaling table would be silently wrong if skipped: an error too
     path = tmp_path / "rope.gguf"
     write_tiny_gguf(path, "llama", Q.F32,
                     extra_tensors={"rope_freqs.weight": (np.ones(32, np.float32), Q.F32)})
-    with pytest.raises(ValueError, match="unknown tensor 'rope_freqs.weight'"):
+    with pytest.raises(ValueError, match=r"'rope_freqs\.weight' holds Llama-3\.1-style rope"):
         convert_gguf(path, tmp_path / "out")
 
 
