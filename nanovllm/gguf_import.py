@@ -232,12 +232,22 @@ def _clean_float(value: float) -> float:
 def _build_config(g: _GGUFFile, arch: str, shapes: dict[str, tuple[int, ...]]) -> dict:
     """config.json contents, from the `<arch>.*` metadata keys and the tensor shapes."""
     key = lambda name: f"{arch}.{name}"  # noqa: E731
-    hidden = int(g.require(key("embedding_length")))
-    n_layers = int(g.require(key("block_count")))
-    n_heads = int(g.require(key("attention.head_count")))
-    n_kv_heads = int(g.get(key("attention.head_count_kv"), n_heads))
+
+    def count(name, default=None):
+        value = g.require(key(name)) if default is None else g.get(key(name), default)
+        if isinstance(value, list):  # some files give head counts per layer
+            if len(set(value)) != 1:
+                raise ValueError(f"{g.path}: {key(name)} differs between layers ({value}); "
+                                 f"only uniform layers are supported")
+            value = value[0]
+        return int(value)
+
+    hidden = count("embedding_length")
+    n_layers = count("block_count")
+    n_heads = count("attention.head_count")
+    n_kv_heads = count("attention.head_count_kv", n_heads)
     # head_dim is written as key_length only when it differs from hidden / heads (Qwen3 does).
-    head_dim = int(g.get(key("attention.key_length"), hidden // n_heads))
+    head_dim = count("attention.key_length", hidden // n_heads)
     rope_dim = g.get(key("rope.dimension_count"))
     if rope_dim is not None and int(rope_dim) != head_dim:
         raise ValueError(f"{g.path}: partial rotary embeddings (rope.dimension_count={rope_dim}, "
