@@ -333,6 +333,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     Attends to KV positions [0, context_lens[b]). Returns out [B, num_q_heads, head_dim] (q's dtype
     unless out is given). num_splits=None picks it from shapes (choose_num_splits).
     """
+    return _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, out)
+
+
+def _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=None, out=None,
+                   block_n=None, num_warps=4, num_stages=2):
+    """paged_decode_attention with the tuning knobs exposed (benchmarks, autotuning offline)."""
     _check_cache(k_cache, v_cache)
     batch, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
@@ -352,7 +358,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     group = num_q_heads // num_kv_heads
     block_h = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
     block_d = triton.next_power_of_2(head_dim)
-    block_n = _decode_block_n(block_d)
+    if block_n is None:
+        block_n = _decode_block_n(block_d)
     if num_splits is None:
         num_splits = choose_num_splits(batch, num_kv_heads, block_tables.shape[1], block_size,
                                        _device_sms(q.device))
@@ -375,15 +382,16 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         scale * _LOG2E,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n,
         BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, IEEE=ieee,
-        num_warps=4, num_stages=2,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
+        block_s = triton.next_power_of_2(num_splits)
         _decode_reduce_kernel[(batch, num_q_heads)](
             o_ws, lse_ws, context_lens, out,
             out.stride(0), out.stride(1), out.stride(2),
             NUM_HEADS=num_q_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
-            NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
-            num_warps=4 if block_d * triton.next_power_of_2(num_splits) >= 2048 else 2,
+            NUM_SPLITS=num_splits, BLOCK_S=block_s,
+            num_warps=4 if block_d * block_s >= 2048 else 2,
         )
     return out
 
@@ -477,6 +485,13 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     K/V are already in the cache. Query i of sequence b is at position context_lens[b] - q_len_b + i
     and attends to KV positions <= its own. max_seqlen_q (Python int, >= every q_len_b) sizes the grid.
     """
+    return _prefill_launch(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
+                           max_seqlen_q, out)
+
+
+def _prefill_launch(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q,
+                    out=None, config=None):
+    """paged_prefill_attention with the tuning knobs exposed: config = (block_m, block_n, warps, stages)."""
     _check_cache(k_cache, v_cache)
     total, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
@@ -497,7 +512,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
     group = num_q_heads // num_kv_heads
     block_d = triton.next_power_of_2(head_dim)
-    block_m, block_n, num_warps, num_stages = _prefill_config(max_seqlen_q, block_d)
+    block_m, block_n, num_warps, num_stages = config or _prefill_config(max_seqlen_q, block_d)
     grid = (num_q_heads, triton.cdiv(max_seqlen_q, block_m), batch)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out,
