@@ -465,13 +465,16 @@ def _prefill_kernel(
 
 
 def _prefill_config(max_seqlen_q: int, block_d: int):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the prefill kernel.
+
+    Measured on an H100 (bf16, Hq=16/Hkv=8/D=128, see docs/kernels.md): (128, 64, 4 warps, 3 stages)
+    was the best or within 1% of it on every shape tried; 8 warps were 10-20% slower.
+    """
     block_m = min(128, max(16, triton.next_power_of_2(max(1, max_seqlen_q))))
     if block_d > 128:
         block_m = min(block_m, 64)
-    block_n = 64 if block_d <= 128 else 32
-    num_warps = 8 if block_m >= 128 else 4
-    num_stages = 3 if block_d <= 128 else 2
-    return block_m, block_n, num_warps, num_stages
+        return block_m, 32, 4, 2
+    return block_m, 64, 4, (3 if block_m >= 128 else 2)
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
