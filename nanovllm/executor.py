@@ -98,6 +98,18 @@ class Executor:
             if p.exitcode is not None:
                 self._fail(f"worker rank {rank} died (exit code {p.exitcode})")
 
+    def _root_cause(self, error: str) -> str:
+        """A worker's collective fails when a peer dies: name the dead peer first, it is the real cause."""
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            dead = [(r, p.exitcode) for r, p in zip(self.process_ranks, self.processes) if p.exitcode is not None]
+            dead = [(r, code) for r, code in dead if code != 1]  # exit code 1: a worker that reported its error
+            if dead:
+                rank, code = dead[0]
+                return f"worker rank {rank} died (exit code {code}); then {error}"
+            time.sleep(0.05)
+        return error
+
     def _fail(self, why: str) -> None:
         self.dead = why
         self.shutdown()
@@ -113,7 +125,7 @@ class Executor:
             if self.channel.poll(POLL_MS):
                 rank, msg = self.channel.recv()
                 if isinstance(msg, WorkerError):
-                    self._fail(f"worker rank {msg.rank} failed: {msg.message}")
+                    self._fail(self._root_cause(f"worker rank {msg.rank} failed: {msg.message}"))
                 if not isinstance(msg, kind):
                     self._fail(f"worker rank {rank} sent {type(msg).__name__} while the engine expected "
                                f"{kind.__name__}")

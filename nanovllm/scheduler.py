@@ -103,7 +103,7 @@ class Scheduler:
             seq.num_blocks_on_workers = 0
         plan = StepPlan(
             step_id=self.step_id,
-            new_requests=[r.__dict__ for r in new],
+            new_requests=new,
             running_req_ids=running_ids, running_num_tokens=running_n, running_new_block_ids=running_blocks,
             sampled_req_ids=[r for r, _ in self.pending_sampled],
             sampled_token_ids=[t for _, t in self.pending_sampled],

@@ -35,10 +35,10 @@ class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W split by rows (output features); each rank returns its slice of y."""
 
     def __init__(self, input_size: int, output_size: int, ctx: ParallelContext, bias: bool = False,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, output_size_per_rank: Optional[int] = None):
         super().__init__()
         self.ctx = ctx
-        self.output_size_per_rank = _divide(output_size, ctx.world_size, "output size")
+        self.output_size_per_rank = output_size_per_rank or _divide(output_size, ctx.world_size, "output size")
         self.weight = _make_param((self.output_size_per_rank, input_size), dtype, self.load_column)
         self.bias = _make_param((self.output_size_per_rank,), dtype, self.load_column) if bias else None
 
@@ -71,34 +71,46 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 class QKVParallelLinear(ColumnParallelLinear):
     """q, k and v projections in one matmul, split by attention head.
 
-    When there are fewer KV heads than ranks, each KV head is replicated on ``world_size / num_kv_heads``
-    ranks (as vLLM does), so every rank holds exactly one KV head.
+    Ranks get whole KV heads together with the query heads that share them (their GQA group). When the KV
+    heads do not divide evenly, the first ranks get one more (SmolLM2-135M has 9 query / 3 KV heads, so at
+    TP 2 rank 0 holds 6 query heads and rank 1 holds 3); ``head_partition`` tells the output projection
+    which slice of its input each rank owns. When there are fewer KV heads than ranks, each KV head is
+    replicated on ``world_size / num_kv_heads`` ranks (as vLLM does), so every rank holds exactly one.
     """
 
     def __init__(self, hidden_size: int, head_dim: int, total_num_heads: int, total_num_kv_heads: int,
                  ctx: ParallelContext, bias: bool = False, dtype: torch.dtype = torch.float32):
-        tp = ctx.world_size
+        tp, rank = ctx.world_size, ctx.rank
         self.head_dim = head_dim
-        self.num_heads = _divide(total_num_heads, tp, "number of attention heads")
+        group = _divide(total_num_heads, total_num_kv_heads, "number of attention heads per KV head: heads")
         if total_num_kv_heads >= tp:
-            self.num_kv_heads = _divide(total_num_kv_heads, tp, "number of KV heads")
-            self.kv_head_start = ctx.rank * self.num_kv_heads
+            base, extra = divmod(total_num_kv_heads, tp)
+            self.num_kv_heads = base + (rank < extra)
+            self.kv_head_start = rank * base + min(rank, extra)
+            self.num_heads, self.q_head_start = self.num_kv_heads * group, self.kv_head_start * group
         else:
             replicas = _divide(tp, total_num_kv_heads,
                                f"tensor_parallel_size with {total_num_kv_heads} KV heads: world size")
             self.num_kv_heads = 1
-            self.kv_head_start = ctx.rank // replicas
-        output_size = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp
-        super().__init__(hidden_size, output_size, ctx, bias, dtype)
+            self.kv_head_start = rank // replicas
+            self.num_heads = _divide(total_num_heads, tp, "number of attention heads")
+            self.q_head_start = rank * self.num_heads
+        per_rank = (self.num_heads + 2 * self.num_kv_heads) * head_dim
+        super().__init__(hidden_size, per_rank * tp, ctx, bias, dtype, output_size_per_rank=per_rank)
         self.weight.weight_loader = self.load_qkv
         if self.bias is not None:
             self.bias.weight_loader = self.load_qkv
+
+    @property
+    def head_partition(self):
+        """(offset, size) of this rank's attention output features, for the output projection."""
+        return self.q_head_start * self.head_dim, self.num_heads * self.head_dim
 
     def load_qkv(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str) -> None:
         d = self.head_dim
         q_size, kv_size = self.num_heads * d, self.num_kv_heads * d
         if shard_id == "q":
-            dst, src = param.data.narrow(0, 0, q_size), loaded.narrow(0, self.ctx.rank * q_size, q_size)
+            dst, src = param.data.narrow(0, 0, q_size), loaded.narrow(0, self.q_head_start * d, q_size)
         else:
             offset = q_size if shard_id == "k" else q_size + kv_size
             dst = param.data.narrow(0, offset, kv_size)
@@ -110,16 +122,19 @@ class RowParallelLinear(nn.Module):
     """y = x W^T + b with W split by columns (input features); partial sums are all-reduced."""
 
     def __init__(self, input_size: int, output_size: int, ctx: ParallelContext, bias: bool = False,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, input_partition: Optional[tuple] = None):
         super().__init__()
         self.ctx = ctx
-        self.input_size_per_rank = _divide(input_size, ctx.world_size, "input size")
+        # (offset, size) of this rank's input features; an even split unless the caller says otherwise
+        if input_partition is None:
+            size = _divide(input_size, ctx.world_size, "input size")
+            input_partition = (ctx.rank * size, size)
+        self.input_offset, self.input_size_per_rank = input_partition
         self.weight = _make_param((output_size, self.input_size_per_rank), dtype, self.load_row)
         self.bias = _make_param((output_size,), dtype, self.load_full) if bias else None
 
     def load_row(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        size = param.shape[1]
-        param.data.copy_(loaded.narrow(1, self.ctx.rank * size, size))
+        param.data.copy_(loaded.narrow(1, self.input_offset, self.input_size_per_rank))
 
     @staticmethod
     def load_full(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:

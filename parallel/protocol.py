@@ -117,7 +117,7 @@ class SamplingFields:
 @dataclass
 class StepPlan:
     step_id: int
-    new_requests: list  # list of NewRequest maps
+    new_requests: list  # list of NewRequest (maps on the wire)
     # requests scheduled before: parallel lists
     running_req_ids: list
     running_num_tokens: list

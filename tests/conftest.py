@@ -47,6 +47,9 @@ def make_config(arch: str, **overrides):
         return LlamaConfig(tie_word_embeddings=True, rope_theta=500000.0,
                            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 256}, **kw)
+    if arch == "llama-uneven":  # 3 KV heads over 2 ranks: an uneven head split (like SmolLM2's 9/3 heads)
+        kw.update(hidden_size=96, num_attention_heads=6, num_key_value_heads=3)
+        return LlamaConfig(tie_word_embeddings=True, **kw)
     raise ValueError(arch)
 
 
@@ -69,7 +72,7 @@ def write_tiny_model(path: str, arch: str, seed: int = 0, **overrides) -> str:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    return {arch: write_tiny_model(str(root / arch), arch) for arch in ("qwen3", "qwen2", "llama", "llama3-scaled")}
+    return {arch: write_tiny_model(str(root / arch), arch) for arch in ("qwen3", "qwen2", "llama", "llama3-scaled", "llama-uneven")}
 
 
 def hf_greedy(model_dir: str, prompts, max_new_tokens: int):

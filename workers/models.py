@@ -91,7 +91,7 @@ class DecoderAttention(nn.Module):
         self.head_dim = spec.head_dim
         self.q_size, self.kv_size = self.num_heads * spec.head_dim, self.num_kv_heads * spec.head_dim
         self.o_proj = RowParallelLinear(spec.num_heads * spec.head_dim, spec.hidden_size, ctx, bias=spec.o_bias,
-                                        dtype=dtype)
+                                        dtype=dtype, input_partition=self.qkv_proj.head_partition)
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype)
