@@ -204,17 +204,22 @@ def measure_copy_bandwidth(nbytes: int = 1 << 30, iters: int = 20) -> float:
     return 2 * nbytes / best
 
 
-def measure_copy_bandwidth_in_subprocess() -> float:
-    """Measure in a separate process, so this (scheduler) process never holds GPU memory or a CUDA context."""
+def probe_device(bandwidth: bool = False) -> dict:
+    """What the benchmark reports about the machine: the device, and (with CUDA) its copy bandwidth.
+
+    The CUDA work runs in a separate process, so this (scheduler) process never creates a CUDA context
+    or holds GPU memory that the workers' KV-cache sizing would then have to leave free.
+    """
+    if not cuda_available():
+        return {"device": f"cpu ({os.cpu_count()} cores)", "copy_bandwidth_bytes_per_s": None}
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(measure_copy_bandwidth).result()
+        return pool.submit(_probe_cuda, bandwidth).result()
 
 
-def device_name() -> str:
+def _probe_cuda(bandwidth: bool) -> dict:
     import torch
-    if torch.cuda.is_available():
-        return f"cuda ({torch.cuda.get_device_name(0)} x{torch.cuda.device_count()} visible)"
-    return f"cpu ({os.cpu_count()} cores)"
+    return {"device": f"cuda ({torch.cuda.get_device_name(0)} x{torch.cuda.device_count()})",
+            "copy_bandwidth_bytes_per_s": measure_copy_bandwidth() if bandwidth else None}
 
 
 # ---- workload ----------------------------------------------------------------------------------------------
@@ -327,14 +332,15 @@ def main(argv=None) -> dict:
     cuda = cuda_available()
     small = args.small or not cuda
     fill_defaults(args, small)
-    print(f"device: {device_name()}")
+    probe = probe_device(bandwidth=cuda)
+    bandwidth = probe["copy_bandwidth_bytes_per_s"]
+    print(f"device: {probe['device']}")
     if small:
         why = "--small" if args.small else "no CUDA on this machine"
         print(f"small configuration ({why}): {'' if args.model else 'a tiny Qwen3-shaped model, '}"
               f"{args.num_seqs} sequences of {args.min_input_len}-{args.max_input_len} prompt / "
               f"{args.min_output_len}-{args.max_output_len} output tokens")
 
-    bandwidth = measure_copy_bandwidth_in_subprocess() if cuda else None
     if bandwidth:
         print(f"copy bandwidth: {bandwidth / 1e9:,.0f} GB/s (1 GiB device-to-device copy on cuda:0, read + write)")
 
@@ -395,7 +401,7 @@ def main(argv=None) -> dict:
         print("roofline: n/a (no CUDA)")
 
     result = {
-        "device": device_name(),
+        "device": probe["device"],
         "small": small,
         "model": args.model or ("tiny-qwen3" if small else "qwen3-0.6b-shape"),
         "load_format": load_format,

@@ -22,7 +22,8 @@ import statistics
 import tempfile
 import time
 
-from bench import MAX_TOKEN_ID, QWEN3_0_6B, TINY_QWEN3, WARMUP_PROMPT, cuda_available, device_name, write_config_dir
+from bench import (MAX_TOKEN_ID, QWEN3_0_6B, TINY_QWEN3, WARMUP_PROMPT, cuda_available, probe_device,
+                   write_config_dir)
 from nanovllm import LLM, SamplingParams
 
 FULL_DEFAULTS = dict(batch_sizes="1,8,64", input_len=512, output_len=256)
@@ -95,7 +96,8 @@ def main(argv=None) -> dict:
     batch_sizes = [int(b) for b in str(args.batch_sizes).split(",")]
     if args.output_len < 2:
         raise SystemExit("--output-len must be >= 2 (TPOT divides by output-len - 1)")
-    print(f"device: {device_name()}")
+    device = probe_device()["device"]
+    print(f"device: {device}")
     if small:
         why = "--small" if args.small else "no CUDA on this machine"
         print(f"small configuration ({why}): {'' if args.model else 'a tiny Qwen3-shaped model, '}"
@@ -128,7 +130,7 @@ def main(argv=None) -> dict:
                       f"{r['decode_tok_per_s']:>13,.0f} {r['e2e_s']:>9.3f}", flush=True)
 
     result = {
-        "device": device_name(),
+        "device": device,
         "small": small,
         "model": args.model or ("tiny-qwen3" if small else "qwen3-0.6b-shape"),
         "load_format": load_format,
