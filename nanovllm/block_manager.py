@@ -98,7 +98,8 @@ class BlockManager:
     def _grow(self, seq: Sequence, num_new_tokens: int) -> None:
         for _ in range(self.blocks_needed(seq, num_new_tokens)):
             seq.block_ids.append(self._take_free_block())
-        self._register_full_blocks(seq, seq.num_computed_tokens + num_new_tokens)
+        # only blocks whose tokens are all known can be hashed (a token still being sampled is not)
+        self._register_full_blocks(seq, min(seq.num_computed_tokens + num_new_tokens, seq.num_tokens))
 
     def _take_free_block(self) -> int:
         block_id, _ = self.free_blocks.popitem(last=False)  # least recently freed

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import itertools
+from collections import deque
 import json
 import os
 import random
-from typing import Dict, List, Optional, Sequence as Seq, Tuple, Union
+from typing import Deque, Dict, List, Optional, Tuple, Union
 
 from nanovllm.block_manager import BlockManager
 from nanovllm.config import EngineConfig
@@ -45,7 +46,9 @@ class LLMEngine:
         self.eos_token_ids = _eos_token_ids(config.model_dir, config.hf_config, self.tokenizer)
         self.executor = Executor(config)
         self.block_manager = BlockManager(self.executor.num_kv_blocks, config.kvcache_block_size)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.max_model_len)
+        self.in_flight: Deque[Tuple[int, list]] = deque()  # (step id, scheduled) of plans sent, oldest first
         self.seed_rng = random.Random(config.seed)  # seeds for requests that bring none: reproducible per run
         self.seq_ids = itertools.count()
         self.requests: Dict[str, Sequence] = {}
@@ -125,23 +128,33 @@ class LLMEngine:
         return self._output(seq)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self.in_flight)
 
     # ---- one step ----------------------------------------------------------------------------------------
 
     def step(self) -> Tuple[List[RequestOutput], int, int]:
-        """Run one batch; returns (outputs finished this step, prefill tokens, decode tokens)."""
-        plan, scheduled = self.scheduler.schedule()
-        if not scheduled:
-            raise RuntimeError("the scheduler could not schedule any request")
-        result = self.executor.execute(plan)
-        self.scheduler.on_step_done(scheduled)
+        """Wait for the oldest step in flight, keeping the next one queued behind it so the workers never
+        wait for this process; returns (outputs finished by that step, its prefill tokens, decode tokens)."""
+        while len(self.in_flight) < 2 and self.scheduler.has_unfinished():
+            plan, scheduled = self.scheduler.schedule()
+            if plan is None:
+                break
+            self.executor.send(plan)
+            self.in_flight.append((plan.step_id, scheduled))
+        if not self.in_flight:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("the scheduler could not schedule any request")
+            return [], 0, 0
+        step_id, scheduled = self.in_flight.popleft()
+        result = self.executor.wait_result(step_id)
         by_id = {seq.seq_id: seq for seq, _ in scheduled}
         num_decode = sum(1 for seq, n in scheduled if n == 1 and seq.num_output_tokens > 0)
         num_prefill = sum(n for _, n in scheduled) - num_decode
         finished = []
         for req_id, token in zip(result.req_ids, result.token_ids):
             seq = by_id[req_id]
+            if seq.is_finished:  # stopped (or aborted) while this step was in flight
+                continue
             self.scheduler.append_token(seq, token)
             reason = self._stop_reason(seq, token)
             if reason is not None:

@@ -139,13 +139,16 @@ class Executor:
 
     # ---- steps -------------------------------------------------------------------------------------------
 
-    def execute(self, plan: StepPlan) -> StepResult:
+    def send(self, plan: StepPlan) -> None:
         if self.dead:
             raise WorkerFailure(self.dead)
         self.channel.broadcast(range(self.world_size), plan)
-        (_, result), = self._collect(StepResult, [0], STEP_TIMEOUT_S, f"finish step {plan.step_id}")
-        if result.step_id != plan.step_id:
-            self._fail(f"worker rank 0 answered step {result.step_id} for plan {plan.step_id}")
+
+    def wait_result(self, step_id: int) -> StepResult:
+        """The sampled tokens of step ``step_id`` (results arrive in plan order)."""
+        (_, result), = self._collect(StepResult, [0], STEP_TIMEOUT_S, f"finish step {step_id}")
+        if result.step_id != step_id:
+            self._fail(f"worker rank 0 answered step {result.step_id}, the engine expected step {step_id}")
         return result
 
     def shutdown(self) -> None:

@@ -7,6 +7,12 @@ while budget, ``max_num_seqs`` and free KV blocks allow, taking their cached pre
 manager. When a running sequence needs a block and none is free, the most recently admitted running
 sequence is preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed
 later (most of it usually comes straight back from the prefix cache).
+
+Plans run ahead of results: the engine sends plan N+1 before it has the tokens of step N. A sequence
+whose last step samples a token has that token "pending"; the next plan computes it anyway (the workers
+take its value from the device), so decoding never waits for the round trip to this process. A sequence
+that will be done once its pending tokens arrive (``max_tokens``, ``max_model_len``) is not scheduled
+again; one that stops on EOS or a stop string wastes at most one step.
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ from parallel.protocol import NewRequest, StepPlan
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int):
         self.block_manager = block_manager
+        self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: Deque[Sequence] = deque()
@@ -38,15 +46,24 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> Tuple[StepPlan, List[Tuple[Sequence, int]]]:
-        """Decide this step's work; returns the plan for the workers and the (sequence, tokens) scheduled."""
+    def _will_finish(self, seq: Sequence) -> bool:
+        return (seq.num_output_tokens + seq.num_pending >= seq.max_tokens
+                or seq.num_tokens + seq.num_pending >= self.max_model_len)
+
+    def schedule(self) -> Tuple[Optional[StepPlan], List[Tuple[Sequence, int]]]:
+        """Decide the next step's work: the plan for the workers and the (sequence, tokens) scheduled.
+
+        Returns (None, []) when nothing can run until results arrive."""
         budget = self.max_num_batched_tokens
         scheduled: List[Tuple[Sequence, int]] = []
         preempted: List[Sequence] = []
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = min(seq.num_tokens + seq.num_pending - seq.num_computed_tokens, budget)
+            if n <= 0 or self._will_finish(seq):
+                i += 1
+                continue
             while not self.block_manager.allocate(seq, n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -59,6 +76,8 @@ class Scheduler:
                 i += 1
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_pending:  # preempted with a token in flight: readmit once it has arrived
+                break
             cached_ids, cached_hashes = self.block_manager.find_cached_prefix(seq)
             n = min(seq.num_tokens - len(cached_ids) * self.block_manager.block_size, budget)
             if not self.block_manager.admit(seq, cached_ids, cached_hashes, n):
@@ -74,7 +93,14 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append((seq, n))
             budget -= n
-        return self._make_plan(scheduled, preempted), scheduled
+        if not scheduled and not preempted:
+            return None, []
+        plan = self._make_plan(scheduled, preempted)
+        for seq, n in scheduled:
+            seq.num_computed_tokens += n
+            if seq.num_computed_tokens == seq.num_tokens + seq.num_pending:  # this step samples its next token
+                seq.num_pending += 1
+        return plan, scheduled
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
@@ -112,13 +138,12 @@ class Scheduler:
         self.pending_sampled, self.pending_finished = [], []
         return plan
 
-    def on_step_done(self, scheduled: List[Tuple[Sequence, int]]) -> None:
-        for seq, n in scheduled:
-            seq.num_computed_tokens += n
-
     def append_token(self, seq: Sequence, token_id: int) -> None:
+        """A sampled token arrived: it becomes known here and travels to the workers' mirrors."""
         seq.token_ids.append(token_id)
-        self.pending_sampled.append((seq.seq_id, token_id))
+        seq.num_pending -= 1
+        if seq.on_workers:
+            self.pending_sampled.append((seq.seq_id, token_id))
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Finish (or abort) a sequence: free its blocks and tell the workers to drop it."""

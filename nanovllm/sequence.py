@@ -26,7 +26,8 @@ class Sequence:
         self.sampling_fields = sampling_fields  # what the workers need to sample, sent once
         self.max_tokens = max_tokens
         self.status = SequenceStatus.WAITING
-        self.num_computed_tokens = 0  # tokens whose K/V is (or is being, this step) in the cache
+        self.num_computed_tokens = 0  # tokens whose K/V is in the cache once the plans sent so far have run
+        self.num_pending = 0  # tokens being sampled by plans in flight (their values not yet known here)
         self.num_cached_tokens = 0  # of the prompt, served from the prefix cache at admission
         self.block_ids: List[int] = []
         self.block_hashes: List[int] = []  # chained hashes of this sequence's full blocks, in order

@@ -11,11 +11,10 @@ def seq(i, tokens, max_tokens=8):
 
 
 def run_step(sched):
-    """Schedule, pretend the workers ran it, sample token 1 for every sequence that completed its tokens."""
+    """Schedule, then pretend the workers ran it: token 1 arrives for every sequence the step sampled."""
     plan, scheduled = sched.schedule()
-    sched.on_step_done(scheduled)
     for s, _ in scheduled:
-        if s.num_computed_tokens == s.num_tokens:
+        while s.num_pending:
             sched.append_token(s, 1)
     return plan, scheduled
 
@@ -59,7 +58,7 @@ def test_freed_blocks_are_reused_least_recently_used_and_keep_their_cache():
 
 def test_chunked_prefill_respects_token_budget():
     bm = BlockManager(num_blocks=100, block_size=4)
-    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=16)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=16, max_model_len=1000)
     long = seq(0, list(range(40)))
     sched.add(long)
     plan, scheduled = run_step(sched)
@@ -75,7 +74,7 @@ def test_chunked_prefill_respects_token_budget():
 
 def test_preemption_by_recompute_when_blocks_run_out():
     bm = BlockManager(num_blocks=4, block_size=2, enable_prefix_caching=False)
-    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=1000)
     a, b = seq(0, [1, 2, 3]), seq(1, [4, 5, 6])
     sched.add(a)
     sched.add(b)
@@ -96,8 +95,25 @@ def test_preemption_by_recompute_when_blocks_run_out():
 
 def test_max_num_seqs():
     bm = BlockManager(num_blocks=100, block_size=4)
-    sched = Scheduler(bm, max_num_seqs=2, max_num_batched_tokens=64)
+    sched = Scheduler(bm, max_num_seqs=2, max_num_batched_tokens=64, max_model_len=1000)
     for i in range(3):
         sched.add(seq(i, [1, 2, 3]))
     _, scheduled = run_step(sched)
     assert [s.seq_id for s, _ in scheduled] == [0, 1] and len(sched.waiting) == 1
+
+
+def test_plans_run_ahead_of_results():
+    """The next plan is built before the tokens of the previous step are known."""
+    bm = BlockManager(num_blocks=100, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=1000)
+    a = seq(0, [1, 2, 3], max_tokens=3)
+    sched.add(a)
+    plan1, _ = sched.schedule()  # prefill; samples output 1
+    plan2, s2 = sched.schedule()  # decodes output 1 (not known yet), samples output 2
+    assert s2 == [(a, 1)] and a.num_pending == 2 and a.num_computed_tokens == 4
+    plan3, s3 = sched.schedule()  # samples output 3 = max_tokens: after that nothing more is scheduled
+    assert s3 == [(a, 1)] and a.num_pending == 3
+    assert sched.schedule() == (None, [])
+    sched.append_token(a, 7)
+    assert sched.schedule() == (None, [])  # still complete once the pending ones arrive
+    assert sched.pending_sampled == [(0, 7)]

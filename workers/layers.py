@@ -93,6 +93,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] int32
     max_seqlen_q: int
     is_decode: bool  # every sequence has exactly one new token
+    prefix_free: bool = False  # no sequence attends to K/V from earlier steps (plain prefill)
     # host copies, for the pure-torch backend's per-sequence loop
     q_lens_host: Optional[list] = None
     context_lens_host: Optional[list] = None
@@ -158,3 +159,51 @@ class TorchAttentionBackend:
     @staticmethod
     def attention(q, k, v, k_cache, v_cache, meta, scale):
         return torch_paged_attention(q, k_cache, v_cache, meta, scale)
+
+
+class TritonAttentionBackend:
+    """CUDA: our Triton kernels over the paged cache (decode: split-KV; prefill: paged causal), and torch's
+    built-in varlen flash attention for prefills that attend to no cached prefix, where it is faster."""
+
+    name = "triton"
+
+    def __init__(self):
+        from workers.kernels import triton_attention
+        self.kernels = triton_attention
+        self.varlen = _torch_varlen_attention()
+
+    def store_kvcache(self, k, v, k_cache, v_cache, slot_mapping):
+        self.kernels.store_kvcache(k, v, k_cache, v_cache, slot_mapping)
+
+    def attention(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+        if meta.is_decode:
+            return self.kernels.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
+                                                       scale)
+        if meta.prefix_free and self.varlen is not None:
+            return self.varlen(q, k, v, meta.cu_seqlens_q, meta.max_seqlen_q, scale)
+        return self.kernels.paged_prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens,
+                                                    meta.block_tables, scale, meta.max_seqlen_q)
+
+
+def _torch_varlen_attention():
+    """torch.nn.attention.varlen.varlen_attn adapted to (q, k, v, cu_seqlens, max_seqlen, scale), or None.
+
+    Its keyword arguments changed between torch releases (2.11 has ``is_causal``; later ones
+    ``window_size``); without grouped-query support we return None and the Triton kernel is used.
+    """
+    try:
+        import inspect
+
+        from torch.nn.attention.varlen import varlen_attn
+        params = inspect.signature(varlen_attn).parameters
+    except (ImportError, ValueError, TypeError):
+        return None
+    if "enable_gqa" not in params:
+        return None
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+
+    def run(q, k, v, cu_seqlens, max_seqlen, scale):
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale, enable_gqa=True,
+                           **causal)
+
+    return run

@@ -3,46 +3,76 @@
 The runner keeps a mirror of every live request (its tokens, how many have K/V in the cache, its block
 table, its sampling parameters), applies each ``StepPlan`` to it in order, and never decides anything:
 which tokens to compute and where their K/V goes is all in the plan.
+
+Steps are asynchronous: ``launch`` queues step N on the device and returns; ``finish`` waits for its
+sampled tokens. The engine sends plan N+1 before it has seen the tokens of step N, so a decoding
+request's input token in step N+1 is "the token sampled for it in step N": the runner takes it from the
+device tensor step N left behind, and the plan delivers its value later (``StepPlan.sampled_*``) for the
+mirror. Under tensor parallelism rank 0 samples and broadcasts the tokens to the other ranks.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
-from typing import Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
 
+import numpy as np
 import torch
 
 from parallel.distributed import ParallelContext
-from parallel.protocol import NewRequest, ProtocolError, SamplingFields, StepPlan, StepResult, WorkerConfig
+from parallel.protocol import ProtocolError, SamplingFields, StepPlan, StepResult, WorkerConfig
 from workers.layers import AttentionMetadata, TorchAttentionBackend
 from workers.loader import init_dummy_weights, load_weights
 from workers.models import CausalLM, ModelSpec
 from workers.sampler import SamplingBatch, sample
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+GRAPH_RESERVE_BYTES = 512 << 20  # kept free for CUDA graphs and allocator slack when sizing the KV cache
 
 
 @dataclass
 class RequestState:
-    token_ids: List[int]
+    token_ids: List[int]  # known tokens (prompt + outputs delivered by plans)
     num_prompt_tokens: int
     num_computed_tokens: int
-    block_ids: List[int]
+    row: int  # this request's row in the block table
+    num_blocks: int
     sampling: SamplingFields
+    num_pending: int = 0  # tokens sampled by this worker whose value no plan has delivered yet
+    unconfirmed: List[int] = field(default_factory=list)  # rank 0: those tokens' values (for penalties)
 
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+
+@dataclass
+class StepHandle:
+    step_id: int
+    req_ids: List[int]  # requests that sample this step
+    tokens: Optional[torch.Tensor]  # device [n] int64
+    host_tokens: Optional[torch.Tensor]  # pinned host copy (rank 0)
+    done: Optional[torch.cuda.Event]
 
 
 def select_attention_backend(name: str, device: str):
-    if name in ("auto", "torch") or device == "cpu":
+    if device == "cpu":
         if name not in ("auto", "torch"):
             raise ValueError(f"attention_backend={name!r} needs a CUDA device; on CPU use 'torch'")
         return TorchAttentionBackend()
-    raise ValueError(f"unknown attention_backend {name!r} (supported here: 'auto', 'torch')")
+    if name == "torch":
+        return TorchAttentionBackend()
+    if name in ("auto", "triton"):
+        from workers.layers import TritonAttentionBackend
+        return TritonAttentionBackend()
+    raise ValueError(f"attention_backend={name!r} is not available on this worker (use 'triton' or 'torch')")
+
+
+def graph_batch_sizes(max_num_seqs: int) -> List[int]:
+    """The decode batch sizes captured as CUDA graphs; a batch runs in the smallest one that fits it."""
+    top = min(max_num_seqs, 512)
+    sizes = [s for s in (1, 2, 4, 8) if s <= top] + list(range(16, top + 1, 16))
+    if sizes[-1] != top:
+        sizes.append(top)
+    return sizes
 
 
 class ModelRunner:
@@ -53,6 +83,7 @@ class ModelRunner:
             self.spec = ModelSpec.from_hf_config(json.load(f))
         self.block_size = config.block_size
         self.backend = select_attention_backend(config.attention_backend, config.device)
+        self.use_graphs = device.type == "cuda" and not config.enforce_eager
         torch.manual_seed(config.seed)
         with torch.device(device):
             self.model = CausalLM(self.spec, ctx, self.dtype, self.backend,
@@ -64,123 +95,252 @@ class ModelRunner:
         self.model.eval()
         self.requests: Dict[int, RequestState] = {}
         self.num_kv_blocks = 0
+        # one block-table row per live request (at most max_num_seqs live at once)
+        self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
+        self.block_table = np.zeros((config.max_num_seqs, self.max_blocks_per_seq), dtype=np.int32)
+        self.free_rows = list(range(config.max_num_seqs - 1, -1, -1))
+        # the previous step's sampled tokens (device), for requests whose input is one of them
+        self.prev_tokens: Optional[torch.Tensor] = None
+        self.prev_index: Dict[int, int] = {}
+        self.graphs: Dict[int, torch.cuda.CUDAGraph] = {}
+        self.step_count = 0
 
-    # ---- KV cache ------------------------------------------------------------------------------------
+    # ---- KV cache sizing and allocation --------------------------------------------------------------
 
     def kv_bytes_per_block(self) -> int:
         attn = self.model.attention_layers()[0]
         elem = torch.tensor([], dtype=self.dtype).element_size()
         return 2 * self.spec.num_layers * self.block_size * attn.num_kv_heads * attn.head_dim * elem
 
+    @torch.inference_mode()
     def max_num_kv_blocks(self) -> int:
-        """How many KV blocks this rank can hold (the engine takes the minimum over ranks)."""
+        """How many KV blocks this rank can hold (the engine takes the minimum over ranks).
+
+        On CUDA: run the largest step the scheduler can send (``max_num_batched_tokens`` of prefill, then
+        logits and sampling for ``max_num_seqs`` rows) to measure peak activation memory; what
+        ``gpu_memory_utilization`` leaves after that, the weights, non-torch memory (NCCL, context) and a
+        reserve for CUDA graphs goes to the KV cache.
+        """
         if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._profile_run()
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
             free, total = torch.cuda.mem_get_info(self.device)
-            used = total - free
-            budget = total * self.config.gpu_memory_utilization - used
+            non_torch = (total - free) - torch.cuda.memory_reserved(self.device)
+            budget = total * self.config.gpu_memory_utilization - peak - non_torch - GRAPH_RESERVE_BYTES
             blocks = int(budget // self.kv_bytes_per_block())
+            torch.cuda.empty_cache()
         else:
             blocks = int(self.config.cpu_kvcache_space_bytes // self.kv_bytes_per_block())
-        # never more than the scheduler could ever use
-        per_seq = -(-self.config.max_model_len // self.block_size)
-        blocks = min(blocks, self.config.max_num_seqs * per_seq + 1)
+        blocks = min(blocks, self.config.max_num_seqs * self.max_blocks_per_seq + 1)  # more is never used
         if self.config.num_gpu_blocks_override:
             blocks = self.config.num_gpu_blocks_override
         if blocks <= 0:
-            raise RuntimeError("no memory left for the KV cache: raise gpu_memory_utilization or use a smaller "
-                               "model / max_model_len")
+            raise RuntimeError("no memory left for the KV cache: raise gpu_memory_utilization, or lower "
+                               "max_num_batched_tokens / max_model_len, or use more tensor parallelism")
         return blocks
 
-    def allocate_kv_cache(self, num_blocks: int) -> None:
-        self.num_kv_blocks = num_blocks
+    def _profile_run(self) -> None:
+        """A forward at the scheduler's largest token budget, against a one-block scratch cache."""
+        self._bind_cache(1)
+        tokens = min(self.config.max_num_batched_tokens, self.config.max_num_seqs * self.config.max_model_len)
+        seq_len = min(tokens, self.config.max_model_len)
+        lens = [seq_len] * (tokens // seq_len) + ([tokens % seq_len] if tokens % seq_len else [])
+        self._dummy_forward(lens, sample_rows=min(self.config.max_num_seqs, tokens))
+        self._bind_cache(0)
+
+    def _dummy_forward(self, q_lens: List[int], sample_rows: int) -> None:
+        """A throw-away step (profiling, kernel warm-up): every K/V slot is -1, so nothing is written."""
+        dev = self.device
+        total = sum(q_lens)
+        cu = torch.tensor(np.concatenate([[0], np.cumsum(q_lens)]), dtype=torch.int32, device=dev)
+        meta = AttentionMetadata(
+            slot_mapping=torch.full((total,), -1, dtype=torch.int64, device=dev),
+            context_lens=torch.tensor(q_lens, dtype=torch.int32, device=dev),
+            cu_seqlens_q=cu,
+            block_tables=torch.zeros((len(q_lens), self.max_blocks_per_seq), dtype=torch.int32, device=dev),
+            max_seqlen_q=max(q_lens), is_decode=max(q_lens) == 1, prefix_free=False,
+            q_lens_host=q_lens, context_lens_host=q_lens)
+        ids = torch.zeros(total, dtype=torch.int64, device=dev)
+        pos = torch.cat([torch.arange(n, device=dev) for n in q_lens])
+        hidden = self.model(ids, pos, meta)
+        rows = torch.arange(sample_rows, device=dev) % total
+        logits = self.model.compute_logits(hidden[rows])
+        if logits is not None:
+            n = logits.shape[0]
+            batch = SamplingBatch(
+                temperatures=torch.ones(n, device=dev), top_ks=torch.full((n,), -1, device=dev),
+                top_ps=torch.ones(n, device=dev), min_ps=torch.zeros(n, device=dev),
+                seeds=torch.zeros(n, dtype=torch.int64, device=dev),
+                positions=torch.zeros(n, dtype=torch.int64, device=dev),
+                all_greedy=False, use_top_k=False, use_top_p=False, use_min_p=False)
+            sample(logits, batch)
+
+    def _bind_cache(self, num_blocks: int) -> None:
         for attn in self.model.attention_layers():
+            if num_blocks == 0:
+                attn.k_cache = attn.v_cache = None
+                continue
             shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
             attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
 
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.num_kv_blocks = num_blocks
+        self._bind_cache(num_blocks)
+        if self.device.type == "cuda":
+            self._warm_up_kernels()
+            if self.use_graphs:
+                self._capture_graphs()
+
+    # ---- CUDA graphs ---------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _warm_up_kernels(self) -> None:
+        """Compile every Triton kernel variant a run can hit now, so none compiles inside a timed region."""
+        for q in (16, 32, 64, 128, 256):  # the prefill kernel's tile sizes
+            self._dummy_forward([q, 1], sample_rows=2)
+        torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def _capture_graphs(self) -> None:
+        sizes = graph_batch_sizes(self.config.max_num_seqs)
+        top, dev = sizes[-1], self.device
+        self.graph_inputs = {
+            "input_ids": torch.zeros(top, dtype=torch.int64, device=dev),
+            "positions": torch.zeros(top, dtype=torch.int64, device=dev),
+            "slot_mapping": torch.full((top,), -1, dtype=torch.int64, device=dev),
+            "context_lens": torch.zeros(top, dtype=torch.int32, device=dev),
+            "block_tables": torch.zeros((top, self.max_blocks_per_seq), dtype=torch.int32, device=dev),
+        }
+        self.graph_outputs: Dict[int, torch.Tensor] = {}
+        self.graph_metas: Dict[int, AttentionMetadata] = {}  # the graphs read these tensors: keep them alive
+        pool = None
+        for size in reversed(sizes):  # largest first, so smaller graphs reuse its memory pool
+            meta = self.graph_metas[size] = self._graph_meta(size)
+            g = self.graph_inputs
+            for _ in range(2):  # eager runs compile the kernels for this shape before capture
+                self.model(g["input_ids"][:size], g["positions"][:size], meta)
+            torch.cuda.synchronize(dev)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.graph_outputs[size] = self.model(g["input_ids"][:size], g["positions"][:size], meta)
+            pool = graph.pool()
+            self.graphs[size] = graph
+        torch.cuda.synchronize(dev)
+
+    def _graph_meta(self, size: int) -> AttentionMetadata:
+        g = self.graph_inputs
+        return AttentionMetadata(
+            slot_mapping=g["slot_mapping"][:size], context_lens=g["context_lens"][:size],
+            cu_seqlens_q=torch.arange(size + 1, dtype=torch.int32, device=self.device),
+            block_tables=g["block_tables"][:size], max_seqlen_q=1, is_decode=True)
+
     # ---- applying a plan -----------------------------------------------------------------------------
 
     def apply_plan(self, plan: StepPlan) -> List[tuple]:
-        """Update the request mirror; returns the scheduled (req_id, num_tokens) in plan order."""
+        """Update the request mirror; returns the scheduled (state, num_tokens, req_id) in plan order."""
         for req_id in list(plan.finished_req_ids) + list(plan.preempted_req_ids):
-            self.requests.pop(req_id, None)
+            state = self.requests.pop(req_id, None)
+            if state is not None:
+                self.free_rows.append(state.row)
         for req_id, token in zip(plan.sampled_req_ids, plan.sampled_token_ids):
             state = self.requests.get(req_id)
-            if state is not None:  # a request that finished this step is already gone
-                state.token_ids.append(token)
+            if state is None:  # finished or preempted meanwhile: nothing to update
+                continue
+            if state.num_pending <= 0:
+                raise ProtocolError(f"StepPlan {plan.step_id}: a token for request {req_id}, which sampled none")
+            state.token_ids.append(token)
+            state.num_pending -= 1
+            if state.unconfirmed:
+                state.unconfirmed.pop(0)
         scheduled = []
         for req in plan.new_requests:
             if req.req_id in self.requests:
                 raise ProtocolError(f"StepPlan {plan.step_id}: request {req.req_id} is already live")
-            self.requests[req.req_id] = RequestState(
+            if not self.free_rows:
+                raise ProtocolError(f"StepPlan {plan.step_id}: more than max_num_seqs live requests")
+            if len(req.block_ids) > self.max_blocks_per_seq:
+                raise ProtocolError(f"StepPlan {plan.step_id}: request {req.req_id} has more blocks than fit")
+            state = RequestState(
                 token_ids=list(req.prompt_token_ids) + list(req.output_token_ids),
-                num_prompt_tokens=len(req.prompt_token_ids),
-                num_computed_tokens=req.num_computed_tokens,
-                block_ids=list(req.block_ids),
-                sampling=SamplingFields(**req.sampling),
-            )
-            scheduled.append((req.req_id, req.num_scheduled_tokens))
+                num_prompt_tokens=len(req.prompt_token_ids), num_computed_tokens=req.num_computed_tokens,
+                row=self.free_rows.pop(), num_blocks=len(req.block_ids), sampling=SamplingFields(**req.sampling))
+            self.block_table[state.row, :state.num_blocks] = req.block_ids
+            self.requests[req.req_id] = state
+            scheduled.append((state, req.num_scheduled_tokens, req.req_id))
         for req_id, n, new_blocks in zip(plan.running_req_ids, plan.running_num_tokens, plan.running_new_block_ids):
             state = self.requests.get(req_id)
             if state is None:
                 raise ProtocolError(f"StepPlan {plan.step_id}: request {req_id} is not live on this worker")
-            state.block_ids.extend(new_blocks)
-            scheduled.append((req_id, n))
-        for req_id, n in scheduled:
-            state = self.requests[req_id]
+            if new_blocks:
+                end = state.num_blocks + len(new_blocks)
+                if end > self.max_blocks_per_seq:
+                    raise ProtocolError(f"StepPlan {plan.step_id}: request {req_id} has more blocks than fit")
+                self.block_table[state.row, state.num_blocks:end] = new_blocks
+                state.num_blocks = end
+            scheduled.append((state, n, req_id))
+        for state, n, req_id in scheduled:
             end = state.num_computed_tokens + n
-            if end > len(state.token_ids) or end > len(state.block_ids) * self.block_size:
+            known = len(state.token_ids)
+            # a token not yet delivered can be an input only if it was sampled in the previous step
+            pending_ok = end == known + 1 and state.num_pending == 1 and req_id in self.prev_index
+            if (end > known and not pending_ok) or end > state.num_blocks * self.block_size:
                 raise ProtocolError(f"StepPlan {plan.step_id}: request {req_id} scheduled past its tokens or blocks")
         return scheduled
 
-    def prepare_inputs(self, scheduled: List[tuple]):
-        input_ids, positions, slots, q_lens, ctx_lens, tables, sample_rows, sample_ids = [], [], [], [], [], [], [], []
+    def _prepare(self, scheduled: List[tuple]):
+        """Host-side inputs of a step, vectorized with numpy where it matters at large batch."""
         bs = self.block_size
-        for req_id, n in scheduled:
-            state = self.requests[req_id]
-            start, end = state.num_computed_tokens, state.num_computed_tokens + n
-            input_ids.extend(state.token_ids[start:end])
-            positions.extend(range(start, end))
-            blocks = state.block_ids
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
-            q_lens.append(n)
-            ctx_lens.append(end)
-            tables.append(blocks)
-            if end == len(state.token_ids):  # every known token is in the cache: sample the next one
-                sample_rows.append(len(input_ids) - 1)
+        q_lens = np.fromiter((n for _, n, _ in scheduled), dtype=np.int64, count=len(scheduled))
+        starts = np.fromiter((s.num_computed_tokens for s, _, _ in scheduled), dtype=np.int64, count=len(scheduled))
+        rows = np.fromiter((s.row for s, _, _ in scheduled), dtype=np.int64, count=len(scheduled))
+        ends = starts + q_lens
+        cu = np.zeros(len(scheduled) + 1, dtype=np.int64)
+        np.cumsum(q_lens, out=cu[1:])
+        total = int(cu[-1])
+        input_ids: List[int] = []
+        from_prev_dst, from_prev_src, sample_rows, sample_states, sample_ids = [], [], [], [], []
+        for i, (state, n, req_id) in enumerate(scheduled):
+            start, end, known = state.num_computed_tokens, state.num_computed_tokens + n, len(state.token_ids)
+            if end <= known:
+                input_ids.extend(state.token_ids[start:end])
+            else:  # the last input is the token this request sampled in the previous step
+                input_ids.extend(state.token_ids[start:known])
+                input_ids.append(0)
+                from_prev_dst.append(int(cu[i + 1]) - 1)
+                from_prev_src.append(self.prev_index[req_id])
+            if end == known + state.num_pending:  # every token is in the cache now: sample the next one
+                sample_rows.append(int(cu[i + 1]) - 1)
+                sample_states.append(state)
                 sample_ids.append(req_id)
-        max_blocks = max(len(t) for t in tables)
-        table = [t + [0] * (max_blocks - len(t)) for t in tables]
-        dev = self.device
-        cu = [0]
-        for n in q_lens:
-            cu.append(cu[-1] + n)
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=dev),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(table, dtype=torch.int32, device=dev),
-            max_seqlen_q=max(q_lens),
-            is_decode=all(n == 1 for n in q_lens),
-            q_lens_host=q_lens,
-            context_lens_host=ctx_lens,
-        )
-        ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
-        pos = torch.tensor(positions, dtype=torch.int64, device=dev)
-        return ids, pos, meta, sample_rows, sample_ids
+        positions = np.arange(total, dtype=np.int64) - np.repeat(cu[:-1] - starts, q_lens)
+        slots = self.block_table[np.repeat(rows, q_lens), positions // bs].astype(np.int64) * bs + positions % bs
+        width = int(-(-ends.max() // bs))
+        return dict(input_ids=input_ids, positions=positions, slots=slots, q_lens=q_lens, ends=ends, cu=cu,
+                    rows=rows, width=width, from_prev=(from_prev_dst, from_prev_src), sample_rows=sample_rows,
+                    sample_states=sample_states, sample_ids=sample_ids,
+                    prefix_free=bool((starts == 0).all()))
 
-    def sampling_batch(self, req_ids: List[int]) -> SamplingBatch:
-        states = [self.requests[r] for r in req_ids]
+    def _to_device(self, array, dtype) -> torch.Tensor:
+        t = torch.as_tensor(array, dtype=dtype)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    def sampling_batch(self, states: List[RequestState], ends: List[int]) -> SamplingBatch:
         params = [s.sampling for s in states]
-        dev = self.device
         temps = [p.temperature for p in params]
+        out_positions = [e - s.num_prompt_tokens for s, e in zip(states, ends)]  # index of the token to sample
         batch = SamplingBatch(
-            temperatures=torch.tensor(temps, dtype=torch.float32, device=dev),
-            top_ks=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=dev),
-            top_ps=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev),
-            min_ps=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev),
-            seeds=torch.tensor([p.seed for p in params], dtype=torch.int64, device=dev),
-            positions=torch.tensor([s.num_output_tokens for s in states], dtype=torch.int64, device=dev),
+            temperatures=self._to_device(temps, torch.float32),
+            top_ks=self._to_device([p.top_k for p in params], torch.int64),
+            top_ps=self._to_device([p.top_p for p in params], torch.float32),
+            min_ps=self._to_device([p.min_p for p in params], torch.float32),
+            seeds=self._to_device([p.seed for p in params], torch.int64),
+            positions=self._to_device(out_positions, torch.int64),
             all_greedy=all(t == 0 for t in temps),
             use_top_k=any(p.top_k > 0 and t > 0 for p, t in zip(params, temps)),
             use_top_p=any(p.top_p < 1.0 and t > 0 for p, t in zip(params, temps)),
@@ -188,34 +348,110 @@ class ModelRunner:
         )
         if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
             V = self.spec.vocab_size
-            prompts = [s.token_ids[:s.num_prompt_tokens] for s in states]
-            outputs = [s.token_ids[s.num_prompt_tokens:] for s in states]
-            batch.prompt_ids = _padded(prompts, V, dev)
-            batch.output_ids = _padded(outputs, V, dev)
-            batch.repetition_penalties = torch.tensor([p.repetition_penalty for p in params], device=dev)
-            batch.presence_penalties = torch.tensor([p.presence_penalty for p in params], device=dev)
-            batch.frequency_penalties = torch.tensor([p.frequency_penalty for p in params], device=dev)
-        batch.banned = [(row, p.stop_token_ids) for row, (p, s) in enumerate(zip(params, states))
-                        if s.num_output_tokens < p.min_tokens and p.stop_token_ids]
+            batch.prompt_ids = _padded([s.token_ids[:s.num_prompt_tokens] for s in states], V, self.device)
+            batch.output_ids = _padded([s.token_ids[s.num_prompt_tokens:] + s.unconfirmed for s in states], V,
+                                       self.device)
+            batch.repetition_penalties = self._to_device([p.repetition_penalty for p in params], torch.float32)
+            batch.presence_penalties = self._to_device([p.presence_penalty for p in params], torch.float32)
+            batch.frequency_penalties = self._to_device([p.frequency_penalty for p in params], torch.float32)
+        batch.banned = [(row, p.stop_token_ids) for row, (p, pos) in enumerate(zip(params, out_positions))
+                        if pos < p.min_tokens and p.stop_token_ids]
         return batch
 
+    @staticmethod
+    def needs_history(plan: StepPlan, requests: Dict[int, RequestState]) -> bool:
+        """Whether sampling this plan reads token histories (penalties), i.e. needs every earlier token."""
+        def uses(p) -> bool:
+            return p.repetition_penalty != 1.0 or p.presence_penalty != 0 or p.frequency_penalty != 0
+        return any(uses(SamplingFields(**r.sampling)) for r in plan.new_requests) or any(
+            uses(requests[r].sampling) for r in plan.running_req_ids if r in requests)
+
+    # ---- a step --------------------------------------------------------------------------------------
+
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> Optional[StepResult]:
+    def launch(self, plan: StepPlan, flush_previous: Callable[[], None]) -> StepHandle:
+        """Queue step ``plan`` on the device; ``flush_previous`` finishes the step before it when needed."""
+        if self.ctx.rank == 0 and self.needs_history(plan, self.requests):
+            flush_previous()  # penalties need the previous step's tokens on the host
         scheduled = self.apply_plan(plan)
         if not scheduled:
-            return StepResult(step_id=plan.step_id, req_ids=[], token_ids=[]) if self.ctx.rank == 0 else None
-        ids, pos, meta, sample_rows, sample_ids = self.prepare_inputs(scheduled)
-        hidden = self.model(ids, pos, meta)
-        token_ids: List[int] = []
-        if sample_rows:
-            logits = self.model.compute_logits(hidden[sample_rows])
-            if self.ctx.rank == 0:
-                token_ids = sample(logits, self.sampling_batch(sample_ids)).tolist()
-        for req_id, n in scheduled:
-            self.requests[req_id].num_computed_tokens += n
+            return StepHandle(plan.step_id, [], None, None, None)
+        inp = self._prepare(scheduled)
+        dev = self.device
+        batch = len(scheduled)
+        ids = self._to_device(inp["input_ids"], torch.int64)
+        if inp["from_prev"][0]:
+            dst = self._to_device(inp["from_prev"][0], torch.int64)
+            src = self._to_device(inp["from_prev"][1], torch.int64)
+            ids[dst] = self.prev_tokens[src]
+        is_decode = int(inp["q_lens"].max()) == 1
+        fitting = [size for size in self.graphs if size >= batch] if is_decode else []
+        if fitting:
+            hidden = self._run_graph(min(fitting), batch, ids, inp)
+        else:
+            meta = AttentionMetadata(
+                slot_mapping=self._to_device(inp["slots"], torch.int64),
+                context_lens=self._to_device(inp["ends"], torch.int32),
+                cu_seqlens_q=self._to_device(inp["cu"], torch.int32),
+                block_tables=self._to_device(self.block_table[inp["rows"], :inp["width"]], torch.int32),
+                max_seqlen_q=int(inp["q_lens"].max()), is_decode=is_decode, prefix_free=inp["prefix_free"],
+                q_lens_host=inp["q_lens"].tolist(), context_lens_host=inp["ends"].tolist())
+            hidden = self.model(ids, self._to_device(inp["positions"], torch.int64), meta)
+        for state, n, _ in scheduled:
+            state.num_computed_tokens += n
+        sample_ids = inp["sample_ids"]
+        if not sample_ids:
+            return StepHandle(plan.step_id, [], None, None, None)
+        rows = self._to_device(inp["sample_rows"], torch.int64)
+        logits = self.model.compute_logits(hidden[rows])
+        states = inp["sample_states"]
+        if self.ctx.rank == 0:
+            ends = [s.num_computed_tokens for s in states]
+            tokens = sample(logits, self.sampling_batch(states, ends))
+        else:
+            tokens = torch.empty(len(sample_ids), dtype=torch.int64, device=dev)
+        if self.ctx.world_size > 1:  # every rank needs the tokens: they are the next step's inputs
+            torch.distributed.broadcast(tokens, src=0, group=self.ctx.group)
+        for state in states:
+            state.num_pending += 1
+        self.prev_tokens = tokens
+        self.prev_index = {r: i for i, r in enumerate(sample_ids)}
+        host, done = None, None
+        if self.ctx.rank == 0:
+            if dev.type == "cuda":
+                host = torch.empty(tokens.shape, dtype=torch.int64, pin_memory=True)
+                host.copy_(tokens, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record()
+            else:
+                host = tokens
+        return StepHandle(plan.step_id, sample_ids, tokens, host, done)
+
+    def _run_graph(self, size: int, batch: int, ids: torch.Tensor, inp: dict) -> torch.Tensor:
+        g = self.graph_inputs
+        g["input_ids"][:batch] = ids
+        g["positions"][:batch] = self._to_device(inp["positions"], torch.int64)
+        g["slot_mapping"][:batch] = self._to_device(inp["slots"], torch.int64)
+        g["slot_mapping"][batch:size] = -1
+        g["context_lens"][:batch] = self._to_device(inp["ends"], torch.int32)
+        g["context_lens"][batch:size] = 0
+        g["block_tables"][:batch, :inp["width"]] = self._to_device(self.block_table[inp["rows"], :inp["width"]],
+                                                                   torch.int32)
+        self.graphs[size].replay()
+        return self.graph_outputs[size][:batch]
+
+    def finish(self, handle: StepHandle) -> Optional[StepResult]:
+        """Wait for a launched step's tokens; rank 0 returns them as the step's result."""
         if self.ctx.rank != 0:
             return None
-        return StepResult(step_id=plan.step_id, req_ids=sample_ids, token_ids=token_ids)
+        if handle.done is not None:
+            handle.done.synchronize()
+        tokens = handle.host_tokens.tolist() if handle.host_tokens is not None else []
+        for req_id, token in zip(handle.req_ids, tokens):
+            state = self.requests.get(req_id)
+            if state is not None:
+                state.unconfirmed.append(token)
+        return StepResult(step_id=handle.step_id, req_ids=handle.req_ids, token_ids=tokens)
 
 
 def _padded(rows: List[List[int]], pad: int, device) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """Sampling: penalties, min_tokens, temperature, top-k, top-p, min-p, then a seeded draw.
 
-The draw uses the exponential-race trick: ``argmax(p_i / E_i)`` with ``E_i ~ Exp(1)`` samples ``i`` with
-probability ``p_i``. The ``E_i`` come from a counter-based hash of (request seed, output position, token id),
-so a request's tokens depend only on its own seed and logits: not on what else is in the batch, not on
-the tensor-parallel size, not on the device.
+The draw is Gumbel-max: ``argmax(logits_i / T + G_i)`` with ``G_i = -log(-log(U_i))`` samples ``i`` with
+probability ``softmax(logits / T)_i``, with no softmax and no [batch, vocab] temporaries needed. The ``U_i``
+come from a counter-based hash of (request seed, output position, token id), so a request's tokens depend
+only on its own seed and logits: not on what else is in the batch, not on the tensor-parallel size. On CUDA
+the draw is one Triton kernel (``workers.kernels.sampling``) computing the same hash.
 """
 
 from __future__ import annotations
@@ -25,13 +26,22 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def seeded_exponential(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[B, V] Exp(1) noise, a pure function of (seed, position, token id)."""
+def seeded_gumbel(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B, V] Gumbel(0, 1) noise, a pure function of (seed, position, token id)."""
     key = _hash32(_hash32(seeds & _M32) ^ (positions & _M32))
     token = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
     bits = _hash32(_hash32(key[:, None] ^ token[None, :]) ^ key[:, None])
     uniform = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
-    return -torch.log(uniform)
+    return -torch.log(-torch.log(uniform))
+
+
+def gumbel_argmax_reference(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor,
+                            positions: torch.Tensor) -> torch.Tensor:
+    """Pure-torch draw (CPU, and the reference for the Triton kernel); rows with T == 0 are greedy."""
+    inv_temp = torch.where(temperatures > 0, 1.0 / temperatures.clamp_min(1e-30), torch.ones_like(temperatures))
+    noisy = logits * inv_temp[:, None] + seeded_gumbel(seeds, positions, logits.shape[-1])
+    scores = torch.where((temperatures > 0)[:, None], noisy, logits)
+    return scores.argmax(dim=-1)
 
 
 @dataclass
@@ -83,24 +93,21 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if batch.banned:
         for row, ids in batch.banned:
             logits[row, ids] = float("-inf")
-    greedy = logits.argmax(dim=-1)
     if batch.all_greedy:
-        return greedy
+        return logits.argmax(dim=-1)
+    if batch.use_top_k or batch.use_top_p or batch.use_min_p:
+        logits = _truncate(logits, batch)  # removed tokens become -inf, which no noise can lift
+    if logits.is_cuda:
+        from workers.kernels.sampling import gumbel_argmax
+        return gumbel_argmax(logits, batch.temperatures, batch.seeds, batch.positions)
+    return gumbel_argmax_reference(logits, batch.temperatures, batch.seeds, batch.positions)
+
+
+def _truncate(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Top-k, top-p and min-p on the temperature-scaled distribution; greedy rows are left alone."""
     temps = torch.where(batch.temperatures > 0, batch.temperatures, torch.ones_like(batch.temperatures))
-    logits = logits / temps[:, None]
-    if batch.use_top_k or batch.use_top_p:
-        logits = _top_k_top_p(logits, batch)
-    probs = logits.softmax(dim=-1)
-    if batch.use_min_p:
-        top = probs.max(dim=-1, keepdim=True).values
-        probs = probs.masked_fill(probs < batch.min_ps[:, None] * top, 0.0)
-    noise = seeded_exponential(batch.seeds, batch.positions, logits.shape[-1])
-    sampled = (probs / noise).argmax(dim=-1)
-    return torch.where(batch.temperatures > 0, sampled, greedy)
-
-
-def _top_k_top_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    scaled = logits / temps[:, None]
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)
     V = logits.shape[-1]
     rank = torch.arange(V, device=logits.device)[None, :]
     remove = torch.zeros_like(sorted_logits, dtype=torch.bool)
@@ -112,5 +119,9 @@ def _top_k_top_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)
         mass_before = probs.cumsum(dim=-1) - probs
         remove |= mass_before >= batch.top_ps[:, None]
-    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    if batch.use_min_p:  # p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p)
+        threshold = sorted_logits[:, :1] + torch.log(batch.min_ps.clamp_min(1e-30))[:, None]
+        remove |= (sorted_logits < threshold) & (batch.min_ps > 0)[:, None]
+    remove &= (batch.temperatures > 0)[:, None]
+    remove_unsorted = torch.empty_like(remove).scatter_(1, order, remove)
+    return logits.masked_fill(remove_unsorted, float("-inf"))

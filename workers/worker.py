@@ -79,13 +79,27 @@ def serve(channel: WorkerChannel, config: WorkerConfig, rank: int, local_rank: i
     channel.send(Ready(rank=rank, num_kv_blocks=runner.max_num_kv_blocks()))
     runner.allocate_kv_cache(_expect(_recv(channel, parent_pid), AllocateKVCache).num_kv_blocks)
     channel.send(KVCacheReady(rank=rank))
+    # Steps overlap: step N+1 is launched on the device before the tokens of step N are waited for, so
+    # the device never idles while this process talks to the engine. When no next plan is waiting, the
+    # previous step is finished first (the engine may be waiting for its tokens to plan the next one).
+    unfinished = []
+
+    def flush_previous() -> None:
+        while unfinished:
+            result = runner.finish(unfinished.pop(0))
+            if result is not None:
+                channel.send(result)
+
     while True:
+        if unfinished and not channel.poll(0):
+            flush_previous()
         message = _recv(channel, parent_pid)
         if isinstance(message, Shutdown):
             break
-        result = runner.execute(_expect(message, StepPlan))
-        if result is not None:
-            channel.send(result)
+        handle = runner.launch(_expect(message, StepPlan), flush_previous)
+        flush_previous()
+        unfinished.append(handle)
+    flush_previous()
     if ctx.world_size > 1:
         torch.distributed.destroy_process_group()
 
