@@ -94,6 +94,8 @@ def test_workload_is_nano_vllms():
     prompts = [[random.randint(0, 10000) for _ in range(random.randint(100, 1024))] for _ in range(256)]
     max_tokens = [random.randint(100, 1024) for _ in range(256)]
     assert bench.make_workload(256, 100, 1024, 100, 1024, 10000) == (prompts, max_tokens)
+    # the token counts nano-vLLM's README reports for this workload
+    assert sum(map(len, prompts)) == 142_827 and sum(max_tokens) == 133_966
 
 
 # ---- the scripts, end to end on CPU ---------------------------------------------------------------------------
