@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: GPU tests, then the benchmarks. Usage (from the repo root, on the device):
+#   bash scripts/gpu_session.sh [tests|bench|latency|all]...
+# Writes logs and JSON under $OUT (or ./gpu_out).
+set -uo pipefail
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+if ! python3 -c "import zmq" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target .site .whl/*.whl && export PYTHONPATH=$PWD/.site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+for what in "${@:-all}"; do
+  case $what in
+    tests|all) python3 -m pytest -q -x tests/test_gpu.py tests/test_sampler.py tests/test_triton_kernels.py 2>&1 | tee "$OUT/tests.log" ;;&
+    bench|all) python3 bench.py --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" ;;&
+    latency|all) python3 bench_latency.py --json "$OUT/latency.json" 2>&1 | tee "$OUT/latency.log" ;;
+  esac
+done
