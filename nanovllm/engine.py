@@ -7,6 +7,7 @@ from collections import deque
 import json
 import os
 import random
+import time
 from typing import Deque, Dict, List, Optional, Tuple, Union
 
 from nanovllm.block_manager import BlockManager
@@ -53,6 +54,7 @@ class LLMEngine:
         self.seq_ids = itertools.count()
         self.requests: Dict[str, Sequence] = {}
         self.detokenizers: Dict[int, IncrementalDetokenizer] = {}
+        self.timing: Optional[list] = [] if os.environ.get("NANOVLLM_STEP_TIMING") else None  # profiling aid
 
     def _load_tokenizer(self):
         from transformers import AutoTokenizer
@@ -135,6 +137,7 @@ class LLMEngine:
     def step(self) -> Tuple[List[RequestOutput], int, int]:
         """Wait for the oldest step in flight, keeping the next one queued behind it so the workers never
         wait for this process; returns (outputs finished by that step, its prefill tokens, decode tokens)."""
+        t0 = time.perf_counter()
         while len(self.in_flight) < 2 and self.scheduler.has_unfinished():
             plan, scheduled = self.scheduler.schedule()
             if plan is None:
@@ -146,7 +149,9 @@ class LLMEngine:
                 raise RuntimeError("the scheduler could not schedule any request")
             return [], 0, 0
         step_id, scheduled = self.in_flight.popleft()
+        t1 = time.perf_counter()
         result = self.executor.wait_result(step_id)
+        t2 = time.perf_counter()
         by_id = {seq.seq_id: seq for seq, _ in scheduled}
         num_decode = sum(1 for seq, n in scheduled if n == 1 and seq.num_output_tokens > 0)
         num_prefill = sum(n for _, n in scheduled) - num_decode
@@ -162,6 +167,8 @@ class LLMEngine:
                 self.requests.pop(seq.request_id, None)
                 self.detokenizers.pop(seq.seq_id, None)
                 finished.append(self._output(seq))
+        if self.timing is not None:
+            self.timing.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
         return finished, num_prefill, num_decode
 
     def _stop_reason(self, seq: Sequence, token: int) -> Optional[str]:
@@ -198,4 +205,9 @@ class LLMEngine:
                              finished=seq.is_finished, num_cached_tokens=seq.num_cached_tokens)
 
     def shutdown(self) -> None:
+        if self.timing:
+            n = len(self.timing)
+            sums = [sum(r[i] for r in self.timing) / n * 1e3 for i in range(3)]
+            print(f"[engine] {n} steps, ms/step: schedule+send {sums[0]:.3f}, wait for result {sums[1]:.3f}, "
+                  f"process result {sums[2]:.3f}", flush=True)
         self.executor.shutdown()

@@ -103,7 +103,14 @@ class ModelRunner:
         self.prev_tokens: Optional[torch.Tensor] = None
         self.prev_index: Dict[int, int] = {}
         self.graphs: Dict[int, torch.cuda.CUDAGraph] = {}
-        self.step_count = 0
+        seqs, tokens = config.max_num_seqs, config.max_num_batched_tokens
+        self.staging = Staging(device, {
+            torch.int64: 4 * tokens + 8 * seqs + 64,
+            torch.int32: seqs * (self.max_blocks_per_seq + 3) + tokens + 64,
+            torch.float32: 8 * seqs + 64,
+        })
+        self.token_buffers = [torch.empty(seqs, dtype=torch.int64, pin_memory=device.type == "cuda")
+                              for _ in range(2)]
 
     # ---- KV cache sizing and allocation --------------------------------------------------------------
 
@@ -325,10 +332,8 @@ class ModelRunner:
                     prefix_free=bool((starts == 0).all()))
 
     def _to_device(self, array, dtype) -> torch.Tensor:
-        t = torch.as_tensor(array, dtype=dtype)
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t
+        """Host values -> a device tensor, through staging buffers allocated once (see ``Staging``)."""
+        return self.staging.put(array, dtype)
 
     def sampling_batch(self, states: List[RequestState], ends: List[int]) -> SamplingBatch:
         params = [s.sampling for s in states]
@@ -376,6 +381,7 @@ class ModelRunner:
         scheduled = self.apply_plan(plan)
         if not scheduled:
             return StepHandle(plan.step_id, [], None, None, None)
+        self.staging.begin_step()
         inp = self._prepare(scheduled)
         dev = self.device
         batch = len(scheduled)
@@ -417,14 +423,14 @@ class ModelRunner:
         self.prev_tokens = tokens
         self.prev_index = {r: i for i, r in enumerate(sample_ids)}
         host, done = None, None
-        if self.ctx.rank == 0:
-            if dev.type == "cuda":
-                host = torch.empty(tokens.shape, dtype=torch.int64, pin_memory=True)
+        if dev.type == "cuda":
+            if self.ctx.rank == 0:
+                host = self.token_buffers[self.staging.turn][:tokens.shape[0]]
                 host.copy_(tokens, non_blocking=True)
-                done = torch.cuda.Event()
-                done.record()
-            else:
-                host = tokens
+            done = torch.cuda.Event()
+            done.record()
+        elif self.ctx.rank == 0:
+            host = tokens
         return StepHandle(plan.step_id, sample_ids, tokens, host, done)
 
     def _run_graph(self, size: int, batch: int, ids: torch.Tensor, inp: dict) -> torch.Tensor:
@@ -440,6 +446,11 @@ class ModelRunner:
         self.graphs[size].replay()
         return self.graph_outputs[size][:batch]
 
+    @staticmethod
+    def is_done(handle: StepHandle) -> bool:
+        """Whether a launched step has finished on the device (always, on CPU)."""
+        return handle.done is None or handle.done.query()
+
     def finish(self, handle: StepHandle) -> Optional[StepResult]:
         """Wait for a launched step's tokens; rank 0 returns them as the step's result."""
         if self.ctx.rank != 0:
@@ -452,6 +463,46 @@ class ModelRunner:
             if state is not None:
                 state.unconfirmed.append(token)
         return StepResult(step_id=handle.step_id, req_ids=handle.req_ids, token_ids=tokens)
+
+
+class Staging:
+    """Host->device input staging with no allocation per step.
+
+    Pinned host buffers come in two sets used on alternate steps: a step's host values are written while
+    the copies of the step before may still be queued on the device, but the worker always waits for
+    step N before it launches step N+2, so the set it reuses is free. Device buffers need only one set:
+    copies and kernels run in stream order. Within a step, ``put`` hands out consecutive slices.
+    (Allocating pinned memory per step instead can stall the host on ``cudaHostAlloc``.)
+    """
+
+    def __init__(self, device: torch.device, capacity: Dict[torch.dtype, int]):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.capacity = capacity
+        self.host = [{dt: torch.empty(n, dtype=dt, pin_memory=self.cuda) for dt, n in capacity.items()}
+                     for _ in range(2)]
+        self.dev = {dt: torch.empty(n, dtype=dt, device=device) for dt, n in capacity.items()} if self.cuda else None
+        self.turn = 0
+        self.used = dict.fromkeys(capacity, 0)
+
+    def begin_step(self) -> None:
+        self.turn ^= 1
+        self.used = dict.fromkeys(self.capacity, 0)
+
+    def put(self, values, dtype: torch.dtype) -> torch.Tensor:
+        array = np.asarray(values)
+        n, start = array.size, self.used[dtype]
+        if start + n > self.capacity[dtype]:  # larger than planned for: a one-off copy
+            t = torch.as_tensor(array).to(dtype).reshape(array.shape)
+            return t.to(self.device, non_blocking=False) if self.cuda else t
+        self.used[dtype] = start + n
+        host = self.host[self.turn][dtype][start:start + n]
+        host.numpy()[:] = array.reshape(-1)
+        if not self.cuda:
+            return host.view(array.shape)
+        dev = self.dev[dtype][start:start + n]
+        dev.copy_(host, non_blocking=True)
+        return dev.view(array.shape)
 
 
 def _padded(rows: List[List[int]], pad: int, device) -> torch.Tensor:

@@ -86,21 +86,21 @@ def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """[B, V] logits -> [B] token ids."""
-    logits = logits.float()
-    if batch.repetition_penalties is not None:
-        logits = _apply_penalties(logits, batch)
-    if batch.banned:
-        for row, ids in batch.banned:
+    """[B, V] logits (any float dtype) -> [B] token ids."""
+    if batch.repetition_penalties is not None or batch.banned:
+        logits = logits.float()  # a working copy (for float32 input, the input itself: it is a temporary)
+        if batch.repetition_penalties is not None:
+            logits = _apply_penalties(logits, batch)
+        for row, ids in batch.banned or ():
             logits[row, ids] = float("-inf")
     if batch.all_greedy:
         return logits.argmax(dim=-1)
     if batch.use_top_k or batch.use_top_p or batch.use_min_p:
-        logits = _truncate(logits, batch)  # removed tokens become -inf, which no noise can lift
+        logits = _truncate(logits.float(), batch)  # removed tokens become -inf, which no noise can lift
     if logits.is_cuda:
         from workers.kernels.sampling import gumbel_argmax
         return gumbel_argmax(logits, batch.temperatures, batch.seeds, batch.positions)
-    return gumbel_argmax_reference(logits, batch.temperatures, batch.seeds, batch.positions)
+    return gumbel_argmax_reference(logits.float(), batch.temperatures, batch.seeds, batch.positions)
 
 
 def _truncate(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

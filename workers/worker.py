@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import sys
+import time
 import traceback
 
 from parallel.channels import WorkerChannel
@@ -80,9 +81,11 @@ def serve(channel: WorkerChannel, config: WorkerConfig, rank: int, local_rank: i
     runner.allocate_kv_cache(_expect(_recv(channel, parent_pid), AllocateKVCache).num_kv_blocks)
     channel.send(KVCacheReady(rank=rank))
     # Steps overlap: step N+1 is launched on the device before the tokens of step N are waited for, so
-    # the device never idles while this process talks to the engine. When no next plan is waiting, the
-    # previous step is finished first (the engine may be waiting for its tokens to plan the next one).
+    # the device does not idle while this process talks to the engine. Between steps the worker waits for
+    # whichever comes first: the next plan (launch it, then report step N), or the end of step N on the
+    # device (report it now: the engine may be waiting for those tokens before it can plan further).
     unfinished = []
+    timing = StepTiming() if os.environ.get("NANOVLLM_STEP_TIMING") else None
 
     def flush_previous() -> None:
         while unfinished:
@@ -91,17 +94,45 @@ def serve(channel: WorkerChannel, config: WorkerConfig, rank: int, local_rank: i
                 channel.send(result)
 
     while True:
-        if unfinished and not channel.poll(0):
-            flush_previous()
+        t0 = time.perf_counter()
+        while unfinished and not channel.poll(0):
+            if runner.is_done(unfinished[0]):
+                flush_previous()
+                break
+            time.sleep(20e-6)
         message = _recv(channel, parent_pid)
+        t1 = time.perf_counter()
         if isinstance(message, Shutdown):
             break
         handle = runner.launch(_expect(message, StepPlan), flush_previous)
+        t2 = time.perf_counter()
         flush_previous()
         unfinished.append(handle)
+        if timing is not None:
+            timing.add(t1 - t0, t2 - t1, time.perf_counter() - t2)
     flush_previous()
+    if timing is not None:
+        timing.report(rank)
     if ctx.world_size > 1:
         torch.distributed.destroy_process_group()
+
+
+class StepTiming:
+    """NANOVLLM_STEP_TIMING=1: where a worker's wall time goes, printed at shutdown (for profiling)."""
+
+    def __init__(self):
+        self.rows = []
+
+    def add(self, waiting: float, launching: float, reporting: float) -> None:
+        self.rows.append((waiting, launching, reporting))
+
+    def report(self, rank: int) -> None:
+        if not self.rows:
+            return
+        n = len(self.rows)
+        sums = [sum(r[i] for r in self.rows) for i in range(3)]
+        print(f"[worker {rank}] {n} steps, ms/step: waiting for plan {1e3 * sums[0] / n:.3f}, "
+              f"launch {1e3 * sums[1] / n:.3f}, report previous {1e3 * sums[2] / n:.3f}", file=sys.stderr, flush=True)
 
 
 def run_torchrun_worker() -> None:
