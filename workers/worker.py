@@ -77,6 +77,25 @@ def serve(channel: WorkerChannel, config: WorkerConfig, rank: int, local_rank: i
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.world_size))
     ctx = init_parallel(config.dist_init, rank, config.world_size, config.device)
     runner = ModelRunner(config, ctx, device)
+    profile_dir = os.environ.get("NANOVLLM_PROFILE_DIR")  # profiling aid: cProfile of the step loop
+    if profile_dir:
+        import cProfile
+        import pstats
+        profiler = cProfile.Profile()
+        profiler.enable()
+        try:
+            _serve_steps(channel, runner, rank, parent_pid)
+        finally:
+            profiler.disable()
+            with open(os.path.join(profile_dir, f"worker{rank}.prof.txt"), "w") as f:
+                pstats.Stats(profiler, stream=f).sort_stats("tottime").print_stats(45)
+    else:
+        _serve_steps(channel, runner, rank, parent_pid)
+    if ctx.world_size > 1:
+        torch.distributed.destroy_process_group()
+
+
+def _serve_steps(channel: WorkerChannel, runner, rank: int, parent_pid: int) -> None:
     channel.send(Ready(rank=rank, num_kv_blocks=runner.max_num_kv_blocks()))
     runner.allocate_kv_cache(_expect(_recv(channel, parent_pid), AllocateKVCache).num_kv_blocks)
     channel.send(KVCacheReady(rank=rank))
@@ -93,7 +112,12 @@ def serve(channel: WorkerChannel, config: WorkerConfig, rank: int, local_rank: i
             if result is not None:
                 channel.send(result)
 
+    profile_dir = os.environ.get("NANOVLLM_PROFILE_DIR")
+    torch_profiler, step = None, 0
     while True:
+        step += 1
+        if profile_dir and step in (300, 330):  # a window of steady-state steps, device and host side
+            torch_profiler = _torch_profile_window(torch_profiler, profile_dir, rank)
         t0 = time.perf_counter()
         while unfinished and not channel.poll(0):
             if runner.is_done(unfinished[0]):
@@ -113,8 +137,24 @@ def serve(channel: WorkerChannel, config: WorkerConfig, rank: int, local_rank: i
     flush_previous()
     if timing is not None:
         timing.report(rank)
-    if ctx.world_size > 1:
-        torch.distributed.destroy_process_group()
+
+
+def _torch_profile_window(profiler, profile_dir: str, rank: int):
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    if profiler is None:
+        profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        profiler.__enter__()
+        return profiler
+    torch.cuda.synchronize()
+    profiler.__exit__(None, None, None)
+    with open(os.path.join(profile_dir, f"worker{rank}.torch.txt"), "w") as f:
+        table = profiler.key_averages()
+        f.write(table.table(sort_by="cuda_time_total", row_limit=30))
+        f.write("\n")
+        f.write(table.table(sort_by="self_cpu_time_total", row_limit=30))
+    return None
 
 
 class StepTiming:
