@@ -12,7 +12,7 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 for what in "${@:-all}"; do
   case $what in
-    tests|all) python3 -m pytest -q -x tests/test_gpu.py tests/test_sampler.py tests/test_triton_kernels.py 2>&1 | tee "$OUT/tests.log" ;;&
+    tests|all) python3 -m pytest -q -x tests/test_gpu.py tests/test_sampler.py tests/test_fused_kernels.py tests/test_triton_kernels.py 2>&1 | tee "$OUT/tests.log" ;;&
     bench|all) python3 bench.py --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" ;;&
     latency|all) python3 bench_latency.py --json "$OUT/latency.json" 2>&1 | tee "$OUT/latency.log" ;;
   esac

@@ -101,11 +101,17 @@ class DecoderAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(-1, self.num_heads, self.head_dim)
-        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        if q.is_cuda:  # q/k RMSNorm and rotary in one kernel, in place on the qkv output
+            from workers.kernels.fused import qk_norm_rope
+            qk_norm_rope(q, k, positions, self.rotary_emb.cos_sin,
+                         self.q_norm.weight if self.qk_norm else None, self.k_norm.weight if self.qk_norm else None,
+                         self.q_norm.eps if self.qk_norm else 0.0)
+        else:
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.rotary_emb(positions, q, k)
         return self.o_proj(self.attn(q, k, v, meta))
 
 

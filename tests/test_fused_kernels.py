@@ -1,0 +1,73 @@
+"""The fused Triton kernels against the plain torch ops they replace (interpreter on CPU, real on GPU)."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from workers.kernels import fused  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [torch.float16])
+
+
+def ref_rmsnorm(x, w, eps):  # written out independently: float64 math, rounded once at the end
+    x64 = x.double()
+    return (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps) * w.double()).to(x.dtype)
+
+
+def close(a, b, dtype):
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    return torch.allclose(a.float(), b.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cols", [64, 1000, 1024])
+def test_rmsnorm_and_residual(dtype, cols):
+    torch.manual_seed(0)
+    x = torch.randn(7, cols, dtype=dtype, device=DEVICE)
+    r = torch.randn(7, cols, dtype=dtype, device=DEVICE)
+    w = torch.rand(cols, dtype=dtype, device=DEVICE) + 0.5
+    assert close(fused.rmsnorm(x, w, 1e-6), ref_rmsnorm(x, w, 1e-6), dtype)
+    out, res = fused.rmsnorm(x, w, 1e-6, r)
+    assert torch.equal(res, x + r)
+    assert close(out, ref_rmsnorm(x + r, w, 1e-6), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm", [True, False])
+def test_qk_norm_rope_in_place_on_strided_views(dtype, norm):
+    torch.manual_seed(1)
+    T, hq, hk, d = 5, 4, 2, 64
+    qkv = torch.randn(T, (hq + 2 * hk) * d, dtype=dtype, device=DEVICE)
+    before = qkv.clone()
+    q = qkv[:, :hq * d].view(T, hq, d)
+    k = qkv[:, hq * d:(hq + hk) * d].view(T, hk, d)
+    positions = torch.tensor([0, 3, 7, 100, 5], device=DEVICE)
+    angles = torch.outer(torch.arange(128, dtype=torch.float64), 1.0 / 10000 ** (torch.arange(0, d, 2) / d))
+    cos_sin = torch.cat([angles.cos(), angles.sin()], -1).float().to(DEVICE)
+    qw = torch.rand(d, dtype=dtype, device=DEVICE) + 0.5 if norm else None
+    kw = torch.rand(d, dtype=dtype, device=DEVICE) + 0.5 if norm else None
+    fused.qk_norm_rope(q, k, positions, cos_sin, qw, kw, 1e-6)
+
+    def expect(x, w):
+        x = ref_rmsnorm(x, w, 1e-6) if w is not None else x
+        x1, x2 = x.double().chunk(2, -1)
+        cos, sin = angles[positions.cpu()].to(DEVICE).unsqueeze(1).cos(), angles[positions.cpu()].to(DEVICE).unsqueeze(1).sin()
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+    assert close(q, expect(before[:, :hq * d].view(T, hq, d), qw), dtype)
+    assert close(k, expect(before[:, hq * d:(hq + hk) * d].view(T, hk, d), kw), dtype)
+    assert torch.equal(qkv[:, (hq + hk) * d:], before[:, (hq + hk) * d:])  # v untouched
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul(dtype):
+    torch.manual_seed(2)
+    x = torch.randn(6, 2 * 1500, dtype=dtype, device=DEVICE)
+    g, u = x.double().chunk(2, -1)
+    assert close(fused.silu_and_mul(x), (g * torch.sigmoid(g) * u).to(dtype), dtype)
