@@ -99,6 +99,16 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         self.block_table = np.zeros((config.max_num_seqs, self.max_blocks_per_seq), dtype=np.int32)
         self.free_rows = list(range(config.max_num_seqs - 1, -1, -1))
+        # per-row sampling parameters, so a step gathers them with one numpy index instead of Python loops
+        seqs = config.max_num_seqs
+        self.row_temperature = np.zeros(seqs, dtype=np.float32)
+        self.row_top_k = np.zeros(seqs, dtype=np.int64)
+        self.row_top_p = np.ones(seqs, dtype=np.float32)
+        self.row_min_p = np.zeros(seqs, dtype=np.float32)
+        self.row_seed = np.zeros(seqs, dtype=np.int64)
+        self.row_min_tokens = np.zeros(seqs, dtype=np.int64)
+        self.row_prompt_len = np.zeros(seqs, dtype=np.int64)
+        self.row_penalized = np.zeros(seqs, dtype=bool)
         # the previous step's sampled tokens (device), for requests whose input is one of them
         self.prev_tokens: Optional[torch.Tensor] = None
         self.prev_index: Dict[int, int] = {}
@@ -276,6 +286,7 @@ class ModelRunner:
                 num_prompt_tokens=len(req.prompt_token_ids), num_computed_tokens=req.num_computed_tokens,
                 row=self.free_rows.pop(), num_blocks=len(req.block_ids), sampling=SamplingFields(**req.sampling))
             self.block_table[state.row, :state.num_blocks] = req.block_ids
+            self._set_row_params(state)
             self.requests[req.req_id] = state
             scheduled.append((state, req.num_scheduled_tokens, req.req_id))
         for req_id, n, new_blocks in zip(plan.running_req_ids, plan.running_num_tokens, plan.running_new_block_ids):
@@ -297,6 +308,13 @@ class ModelRunner:
             if (end > known and not pending_ok) or end > state.num_blocks * self.block_size:
                 raise ProtocolError(f"StepPlan {plan.step_id}: request {req_id} scheduled past its tokens or blocks")
         return scheduled
+
+    def _set_row_params(self, state: RequestState) -> None:
+        p, row = state.sampling, state.row
+        self.row_temperature[row], self.row_top_k[row], self.row_top_p[row] = p.temperature, p.top_k, p.top_p
+        self.row_min_p[row], self.row_seed[row], self.row_min_tokens[row] = p.min_p, p.seed, p.min_tokens
+        self.row_prompt_len[row] = state.num_prompt_tokens
+        self.row_penalized[row] = _uses_penalties(p)
 
     def _prepare(self, scheduled: List[tuple]):
         """Host-side inputs of a step, vectorized with numpy where it matters at large batch."""
@@ -335,23 +353,25 @@ class ModelRunner:
         """Host values -> a device tensor, through staging buffers allocated once (see ``Staging``)."""
         return self.staging.put(array, dtype)
 
-    def sampling_batch(self, states: List[RequestState], ends: List[int]) -> SamplingBatch:
-        params = [s.sampling for s in states]
-        temps = [p.temperature for p in params]
-        out_positions = [e - s.num_prompt_tokens for s, e in zip(states, ends)]  # index of the token to sample
+    def sampling_batch(self, states: List[RequestState], rows: np.ndarray, ends: np.ndarray) -> SamplingBatch:
+        temps = self.row_temperature[rows]
+        out_positions = ends - self.row_prompt_len[rows]  # index, among the outputs, of the token to sample
+        top_k, top_p, min_p = self.row_top_k[rows], self.row_top_p[rows], self.row_min_p[rows]
+        sampling = temps > 0
         batch = SamplingBatch(
             temperatures=self._to_device(temps, torch.float32),
-            top_ks=self._to_device([p.top_k for p in params], torch.int64),
-            top_ps=self._to_device([p.top_p for p in params], torch.float32),
-            min_ps=self._to_device([p.min_p for p in params], torch.float32),
-            seeds=self._to_device([p.seed for p in params], torch.int64),
+            top_ks=self._to_device(top_k, torch.int64),
+            top_ps=self._to_device(top_p, torch.float32),
+            min_ps=self._to_device(min_p, torch.float32),
+            seeds=self._to_device(self.row_seed[rows], torch.int64),
             positions=self._to_device(out_positions, torch.int64),
-            all_greedy=all(t == 0 for t in temps),
-            use_top_k=any(p.top_k > 0 and t > 0 for p, t in zip(params, temps)),
-            use_top_p=any(p.top_p < 1.0 and t > 0 for p, t in zip(params, temps)),
-            use_min_p=any(p.min_p > 0.0 and t > 0 for p, t in zip(params, temps)),
+            all_greedy=not sampling.any(),
+            use_top_k=bool((sampling & (top_k > 0)).any()),
+            use_top_p=bool((sampling & (top_p < 1.0)).any()),
+            use_min_p=bool((sampling & (min_p > 0.0)).any()),
         )
-        if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
+        if self.row_penalized[rows].any():
+            params = [s.sampling for s in states]
             V = self.spec.vocab_size
             batch.prompt_ids = _padded([s.token_ids[:s.num_prompt_tokens] for s in states], V, self.device)
             batch.output_ids = _padded([s.token_ids[s.num_prompt_tokens:] + s.unconfirmed for s in states], V,
@@ -359,24 +379,23 @@ class ModelRunner:
             batch.repetition_penalties = self._to_device([p.repetition_penalty for p in params], torch.float32)
             batch.presence_penalties = self._to_device([p.presence_penalty for p in params], torch.float32)
             batch.frequency_penalties = self._to_device([p.frequency_penalty for p in params], torch.float32)
-        batch.banned = [(row, p.stop_token_ids) for row, (p, pos) in enumerate(zip(params, out_positions))
-                        if pos < p.min_tokens and p.stop_token_ids]
+        under_min = np.nonzero(out_positions < self.row_min_tokens[rows])[0]
+        batch.banned = [(int(i), states[i].sampling.stop_token_ids) for i in under_min
+                        if states[i].sampling.stop_token_ids]
         return batch
 
-    @staticmethod
-    def needs_history(plan: StepPlan, requests: Dict[int, RequestState]) -> bool:
+    def needs_history(self, plan: StepPlan) -> bool:
         """Whether sampling this plan reads token histories (penalties), i.e. needs every earlier token."""
-        def uses(p) -> bool:
-            return p.repetition_penalty != 1.0 or p.presence_penalty != 0 or p.frequency_penalty != 0
-        return any(uses(SamplingFields(**r.sampling)) for r in plan.new_requests) or any(
-            uses(requests[r].sampling) for r in plan.running_req_ids if r in requests)
+        live = [self.requests[r].row for r in plan.running_req_ids if r in self.requests]
+        return bool(self.row_penalized[live].any()) or any(
+            _uses_penalties(SamplingFields(**r.sampling)) for r in plan.new_requests)
 
     # ---- a step --------------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def launch(self, plan: StepPlan, flush_previous: Callable[[], None]) -> StepHandle:
         """Queue step ``plan`` on the device; ``flush_previous`` finishes the step before it when needed."""
-        if self.ctx.rank == 0 and self.needs_history(plan, self.requests):
+        if self.ctx.rank == 0 and self.needs_history(plan):
             flush_previous()  # penalties need the previous step's tokens on the host
         scheduled = self.apply_plan(plan)
         if not scheduled:
@@ -408,12 +427,13 @@ class ModelRunner:
         sample_ids = inp["sample_ids"]
         if not sample_ids:
             return StepHandle(plan.step_id, [], None, None, None)
-        rows = self._to_device(inp["sample_rows"], torch.int64)
-        logits = self.model.compute_logits(hidden[rows])
+        sample_index = self._to_device(inp["sample_rows"], torch.int64)
+        logits = self.model.compute_logits(hidden[sample_index])
         states = inp["sample_states"]
         if self.ctx.rank == 0:
-            ends = [s.num_computed_tokens for s in states]
-            tokens = sample(logits, self.sampling_batch(states, ends))
+            rows = np.fromiter((s.row for s in states), dtype=np.int64, count=len(states))
+            ends = np.fromiter((s.num_computed_tokens for s in states), dtype=np.int64, count=len(states))
+            tokens = sample(logits, self.sampling_batch(states, rows, ends))
         else:
             tokens = torch.empty(len(sample_ids), dtype=torch.int64, device=dev)
         if self.ctx.world_size > 1:  # every rank needs the tokens: they are the next step's inputs
@@ -503,6 +523,10 @@ class Staging:
         dev = self.dev[dtype][start:start + n]
         dev.copy_(host, non_blocking=True)
         return dev.view(array.shape)
+
+
+def _uses_penalties(p: SamplingFields) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0 or p.frequency_penalty != 0
 
 
 def _padded(rows: List[List[int]], pad: int, device) -> torch.Tensor:
