@@ -112,7 +112,7 @@ class ModelRunner:
         # the previous step's sampled tokens (device), for requests whose input is one of them
         self.prev_tokens: Optional[torch.Tensor] = None
         self.prev_index: Dict[int, int] = {}
-        self.graphs: Dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: Dict[int, List[torch.cuda.CUDAGraph]] = {}
         seqs, tokens = config.max_num_seqs, config.max_num_batched_tokens
         self.staging = Staging(device, {
             torch.int64: 4 * tokens + 8 * seqs + 64,
@@ -232,20 +232,26 @@ class ModelRunner:
             "context_lens": torch.zeros(top, dtype=torch.int32, device=dev),
             "block_tables": torch.zeros((top, self.max_blocks_per_seq), dtype=torch.int32, device=dev),
         }
-        self.graph_outputs: Dict[int, torch.Tensor] = {}
+        # Two graph instances per size, used on alternate steps: the driver can block the host when a graph
+        # is launched again while its previous launch is still queued, which is exactly what launching
+        # step N+1 before step N has finished does. Instances share one memory pool (they never overlap).
+        self.graph_outputs: Dict[int, List[torch.Tensor]] = {}
         self.graph_metas: Dict[int, AttentionMetadata] = {}  # the graphs read these tensors: keep them alive
         pool = None
+        g = self.graph_inputs
         for size in reversed(sizes):  # largest first, so smaller graphs reuse its memory pool
             meta = self.graph_metas[size] = self._graph_meta(size)
-            g = self.graph_inputs
             for _ in range(2):  # eager runs compile the kernels for this shape before capture
                 self.model(g["input_ids"][:size], g["positions"][:size], meta)
             torch.cuda.synchronize(dev)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.graph_outputs[size] = self.model(g["input_ids"][:size], g["positions"][:size], meta)
-            pool = graph.pool()
-            self.graphs[size] = graph
+            self.graphs[size], self.graph_outputs[size] = [], []
+            for _ in range(2):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    out = self.model(g["input_ids"][:size], g["positions"][:size], meta)
+                pool = graph.pool()
+                self.graphs[size].append(graph)
+                self.graph_outputs[size].append(out)
         torch.cuda.synchronize(dev)
 
     def _graph_meta(self, size: int) -> AttentionMetadata:
@@ -463,8 +469,9 @@ class ModelRunner:
         g["context_lens"][batch:size] = 0
         g["block_tables"][:batch, :inp["width"]] = self._to_device(self.block_table[inp["rows"], :inp["width"]],
                                                                    torch.int32)
-        self.graphs[size].replay()
-        return self.graph_outputs[size][:batch]
+        instance = self.staging.turn  # alternates every step
+        self.graphs[size][instance].replay()
+        return self.graph_outputs[size][instance][:batch]
 
     @staticmethod
     def is_done(handle: StepHandle) -> bool:
