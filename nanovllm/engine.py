@@ -22,6 +22,12 @@ from parallel.protocol import SamplingFields
 
 Prompt = Union[str, List[int], dict]
 
+# Plans sent ahead of the results they depend on. With 3, when a worker has launched step N the plan for
+# N+1 is already waiting in its socket: neither this process's turnaround (results of N-1 in, plan of N+1
+# out) nor the worker's own host work is on the device's critical path. The price: a request that stops
+# on EOS or a stop string has up to two more steps computed for it, which are discarded.
+PLANS_IN_FLIGHT = 3
+
 
 def _eos_token_ids(model_dir: str, hf_config: dict, tokenizer) -> List[int]:
     ids = []
@@ -135,10 +141,10 @@ class LLMEngine:
     # ---- one step ----------------------------------------------------------------------------------------
 
     def step(self) -> Tuple[List[RequestOutput], int, int]:
-        """Wait for the oldest step in flight, keeping the next one queued behind it so the workers never
+        """Wait for the oldest step in flight, keeping later ones queued behind it so the workers never
         wait for this process; returns (outputs finished by that step, its prefill tokens, decode tokens)."""
         t0 = time.perf_counter()
-        while len(self.in_flight) < 2 and self.scheduler.has_unfinished():
+        while len(self.in_flight) < PLANS_IN_FLIGHT and self.scheduler.has_unfinished():
             plan, scheduled = self.scheduler.schedule()
             if plan is None:
                 break

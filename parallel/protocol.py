@@ -14,7 +14,7 @@ request state stays complete. Finished, aborted and preempted ids travel once so
 
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 import msgpack
@@ -152,6 +152,8 @@ MESSAGE_TYPES = {
     for cls in (Hello, Init, Ready, AllocateKVCache, KVCacheReady, StepPlan, StepResult, WorkerError, Shutdown)
 }
 
+_NESTED = (NewRequest, SamplingFields)
+
 _WIRE_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool, "list": list, "dict": dict}
 
 
@@ -176,11 +178,21 @@ def _check_fields(cls, body: Any, where: str) -> dict:
     return out
 
 
+def _plain(obj):
+    """msgpack's hook for our dataclasses (nested NewRequests): their fields, without asdict's deep copy."""
+    if type(obj) in _NESTED:
+        return obj.__dict__
+    raise TypeError(f"cannot encode {type(obj).__name__}: not a protocol message")
+
+
 def encode(message) -> bytes:
     kind = type(message).__name__
-    if kind not in MESSAGE_TYPES:
+    if MESSAGE_TYPES.get(kind) is not type(message):
         raise ProtocolError(f"cannot encode {kind}: not a protocol message")
-    return msgpack.packb([PROTOCOL_VERSION, kind, asdict(message)], use_bin_type=True)
+    try:
+        return msgpack.packb([PROTOCOL_VERSION, kind, message.__dict__], use_bin_type=True, default=_plain)
+    except TypeError as e:
+        raise ProtocolError(str(e)) from None
 
 
 def decode(data: bytes):
@@ -204,7 +216,7 @@ def decode(data: bytes):
 
 
 def _int_list(values, where: str) -> None:
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+    if not set(map(type, values)) <= {int}:  # type(), not isinstance(): a bool is not a token id
         raise ProtocolError(f"{where}: expected a list of ints")
 
 

@@ -52,7 +52,7 @@ def test_bf16_graph_logits_match_eager(tiny_models):
     ids[torch.tensor(inp["from_prev"][0], device="cuda")] = runner.prev_tokens[torch.tensor(inp["from_prev"][1],
                                                                                             device="cuda")]
     with torch.inference_mode():
-        graphed = runner._run_graph(8, 5, ids, inp).clone()
+        graphed = runner._run_graph(8, 5, inp).clone()
         from workers.layers import AttentionMetadata
         meta = AttentionMetadata(
             slot_mapping=runner._to_device(inp["slots"], torch.int64),

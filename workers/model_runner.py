@@ -309,8 +309,9 @@ class ModelRunner:
         for state, n, req_id in scheduled:
             end = state.num_computed_tokens + n
             known = len(state.token_ids)
-            # a token not yet delivered can be an input only if it was sampled in the previous step
-            pending_ok = end == known + 1 and state.num_pending == 1 and req_id in self.prev_index
+            # a token not yet delivered can be an input only if it is the newest one, sampled in the
+            # previous step (older undelivered tokens were inputs of earlier steps already)
+            pending_ok = n == 1 and end == known + state.num_pending and req_id in self.prev_index
             if (end > known and not pending_ok) or end > state.num_blocks * self.block_size:
                 raise ProtocolError(f"StepPlan {plan.step_id}: request {req_id} scheduled past its tokens or blocks")
         return scheduled
@@ -338,8 +339,7 @@ class ModelRunner:
             start, end, known = state.num_computed_tokens, state.num_computed_tokens + n, len(state.token_ids)
             if end <= known:
                 input_ids.extend(state.token_ids[start:end])
-            else:  # the last input is the token this request sampled in the previous step
-                input_ids.extend(state.token_ids[start:known])
+            else:  # the input is the token this request sampled in the previous step (checked in apply_plan)
                 input_ids.append(0)
                 from_prev_dst.append(int(cu[i + 1]) - 1)
                 from_prev_src.append(self.prev_index[req_id])
@@ -364,13 +364,11 @@ class ModelRunner:
         out_positions = ends - self.row_prompt_len[rows]  # index, among the outputs, of the token to sample
         top_k, top_p, min_p = self.row_top_k[rows], self.row_top_p[rows], self.row_min_p[rows]
         sampling = temps > 0
+        floats = self._to_device(np.stack([temps, top_p, min_p]), torch.float32)  # two copies, not six
+        ints = self._to_device(np.stack([top_k, self.row_seed[rows], out_positions]), torch.int64)
         batch = SamplingBatch(
-            temperatures=self._to_device(temps, torch.float32),
-            top_ks=self._to_device(top_k, torch.int64),
-            top_ps=self._to_device(top_p, torch.float32),
-            min_ps=self._to_device(min_p, torch.float32),
-            seeds=self._to_device(self.row_seed[rows], torch.int64),
-            positions=self._to_device(out_positions, torch.int64),
+            temperatures=floats[0], top_ps=floats[1], min_ps=floats[2],
+            top_ks=ints[0], seeds=ints[1], positions=ints[2],
             all_greedy=not sampling.any(),
             use_top_k=bool((sampling & (top_k > 0)).any()),
             use_top_p=bool((sampling & (top_p < 1.0)).any()),
@@ -410,16 +408,13 @@ class ModelRunner:
         inp = self._prepare(scheduled)
         dev = self.device
         batch = len(scheduled)
-        ids = self._to_device(inp["input_ids"], torch.int64)
-        if inp["from_prev"][0]:
-            dst = self._to_device(inp["from_prev"][0], torch.int64)
-            src = self._to_device(inp["from_prev"][1], torch.int64)
-            ids[dst] = self.prev_tokens[src]
         is_decode = int(inp["q_lens"].max()) == 1
         fitting = [size for size in self.graphs if size >= batch] if is_decode else []
         if fitting:
-            hidden = self._run_graph(min(fitting), batch, ids, inp)
+            hidden = self._run_graph(min(fitting), batch, inp)
         else:
+            ids = self._to_device(inp["input_ids"], torch.int64)
+            self._fill_from_prev(ids, inp)
             meta = AttentionMetadata(
                 slot_mapping=self._to_device(inp["slots"], torch.int64),
                 context_lens=self._to_device(inp["ends"], torch.int32),
@@ -433,8 +428,10 @@ class ModelRunner:
         sample_ids = inp["sample_ids"]
         if not sample_ids:
             return StepHandle(plan.step_id, [], None, None, None)
-        sample_index = self._to_device(inp["sample_rows"], torch.int64)
-        logits = self.model.compute_logits(hidden[sample_index])
+        if len(sample_ids) == hidden.shape[0]:  # every row samples (decode): no gather needed
+            logits = self.model.compute_logits(hidden)
+        else:
+            logits = self.model.compute_logits(hidden[self._to_device(inp["sample_rows"], torch.int64)])
         states = inp["sample_states"]
         if self.ctx.rank == 0:
             rows = np.fromiter((s.row for s in states), dtype=np.int64, count=len(states))
@@ -459,19 +456,25 @@ class ModelRunner:
             host = tokens
         return StepHandle(plan.step_id, sample_ids, tokens, host, done)
 
-    def _run_graph(self, size: int, batch: int, ids: torch.Tensor, inp: dict) -> torch.Tensor:
-        g = self.graph_inputs
-        g["input_ids"][:batch] = ids
-        g["positions"][:batch] = self._to_device(inp["positions"], torch.int64)
-        g["slot_mapping"][:batch] = self._to_device(inp["slots"], torch.int64)
-        g["slot_mapping"][batch:size] = -1
-        g["context_lens"][:batch] = self._to_device(inp["ends"], torch.int32)
-        g["context_lens"][batch:size] = 0
-        g["block_tables"][:batch, :inp["width"]] = self._to_device(self.block_table[inp["rows"], :inp["width"]],
-                                                                   torch.int32)
+    def _run_graph(self, size: int, batch: int, inp: dict) -> torch.Tensor:
+        """Inputs go straight from the pinned staging buffers into the graph's input buffers."""
+        g, put = self.graph_inputs, self.staging.put_into
+        put(g["input_ids"][:batch], inp["input_ids"])
+        self._fill_from_prev(g["input_ids"], inp)
+        put(g["positions"][:batch], inp["positions"])
+        put(g["slot_mapping"][:size], np.pad(inp["slots"], (0, size - batch), constant_values=-1))
+        put(g["context_lens"][:size], np.pad(inp["ends"], (0, size - batch)))
+        put(g["block_tables"][:batch, :inp["width"]], self.block_table[inp["rows"], :inp["width"]])
         instance = self.staging.turn  # alternates every step
         self.graphs[size][instance].replay()
         return self.graph_outputs[size][instance][:batch]
+
+    def _fill_from_prev(self, input_ids: torch.Tensor, inp: dict) -> None:
+        """Inputs that are last step's sampled tokens: copied on the device, never through the host."""
+        dst, src = inp["from_prev"]
+        if dst:
+            index = self._to_device(np.array([dst, src], dtype=np.int64), torch.int64)
+            input_ids[index[0]] = self.prev_tokens[index[1]]
 
     @staticmethod
     def is_done(handle: StepHandle) -> bool:
@@ -515,6 +518,21 @@ class Staging:
     def begin_step(self) -> None:
         self.turn ^= 1
         self.used = dict.fromkeys(self.capacity, 0)
+
+    def put_into(self, dst: torch.Tensor, values) -> None:
+        """Copy host values into an existing device tensor (e.g. a CUDA graph's input buffer)."""
+        if not self.cuda:
+            dst.copy_(torch.as_tensor(np.asarray(values)).view(dst.shape))
+            return
+        array = np.asarray(values)
+        start = self.used[dst.dtype]
+        if start + array.size > self.capacity[dst.dtype]:
+            dst.copy_(torch.as_tensor(array).view(dst.shape))
+            return
+        self.used[dst.dtype] = start + array.size
+        host = self.host[self.turn][dst.dtype][start:start + array.size]
+        host.numpy()[:] = array.reshape(-1)
+        dst.copy_(host.view(dst.shape), non_blocking=True)
 
     def put(self, values, dtype: torch.dtype) -> torch.Tensor:
         array = np.asarray(values)
