@@ -77,20 +77,7 @@ def serve(channel: WorkerChannel, config: WorkerConfig, rank: int, local_rank: i
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.world_size))
     ctx = init_parallel(config.dist_init, rank, config.world_size, config.device)
     runner = ModelRunner(config, ctx, device)
-    profile_dir = os.environ.get("NANOVLLM_PROFILE_DIR")  # profiling aid: cProfile of the step loop
-    if profile_dir:
-        import cProfile
-        import pstats
-        profiler = cProfile.Profile()
-        profiler.enable()
-        try:
-            _serve_steps(channel, runner, rank, parent_pid)
-        finally:
-            profiler.disable()
-            with open(os.path.join(profile_dir, f"worker{rank}.prof.txt"), "w") as f:
-                pstats.Stats(profiler, stream=f).sort_stats("tottime").print_stats(45)
-    else:
-        _serve_steps(channel, runner, rank, parent_pid)
+    _serve_steps(channel, runner, rank, parent_pid)
     if ctx.world_size > 1:
         torch.distributed.destroy_process_group()
 
@@ -112,7 +99,7 @@ def _serve_steps(channel: WorkerChannel, runner, rank: int, parent_pid: int) -> 
             if result is not None:
                 channel.send(result)
 
-    profile_dir = os.environ.get("NANOVLLM_PROFILE_DIR")
+    profile_dir = os.environ.get("NANOVLLM_PROFILE_DIR")  # profiling aid: torch profiler over steps 300-330
     torch_profiler, step = None, 0
     while True:
         step += 1
@@ -150,11 +137,31 @@ def _torch_profile_window(profiler, profile_dir: str, rank: int):
     torch.cuda.synchronize()
     profiler.__exit__(None, None, None)
     with open(os.path.join(profile_dir, f"worker{rank}.torch.txt"), "w") as f:
+        f.write(_device_busy_summary(profiler) + "\n\n")
         table = profiler.key_averages()
         f.write(table.table(sort_by="cuda_time_total", row_limit=30))
         f.write("\n")
         f.write(table.table(sort_by="self_cpu_time_total", row_limit=30))
     return None
+
+
+def _device_busy_summary(profiler) -> str:
+    """How much of the profiled window the device spent running kernels (the rest is idle time)."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in profiler.events()
+                   if getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CUDA"))
+    if not spans:
+        return "device busy: no device events"
+    busy, cur_start, cur_end = 0, spans[0][0], spans[0][1]
+    for start, end in spans[1:]:
+        if start > cur_end:
+            busy += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    busy += cur_end - cur_start
+    window = spans[-1][1] - spans[0][0]
+    return (f"device busy {busy / 1e3:.1f} ms of a {window / 1e3:.1f} ms window "
+            f"({100 * busy / window:.1f} %; idle {100 - 100 * busy / window:.1f} %)")
 
 
 class StepTiming:
