@@ -115,9 +115,9 @@ class ModelRunner:
         self.graphs: Dict[int, List[torch.cuda.CUDAGraph]] = {}
         seqs, tokens = config.max_num_seqs, config.max_num_batched_tokens
         self.staging = Staging(device, {
-            torch.int64: 4 * tokens + 8 * seqs + 64,
-            torch.int32: seqs * (self.max_blocks_per_seq + 3) + tokens + 64,
-            torch.float32: 8 * seqs + 64,
+            torch.int64: 4 * tokens + 8 * seqs + 16 * Staging.ALIGN,
+            torch.int32: seqs * (self.max_blocks_per_seq + 3) + tokens + 16 * Staging.ALIGN,
+            torch.float32: 8 * seqs + 16 * Staging.ALIGN,
         })
         self.token_buffers = [torch.empty(seqs, dtype=torch.int64, pin_memory=device.type == "cuda")
                               for _ in range(2)]
@@ -364,8 +364,12 @@ class ModelRunner:
         out_positions = ends - self.row_prompt_len[rows]  # index, among the outputs, of the token to sample
         top_k, top_p, min_p = self.row_top_k[rows], self.row_top_p[rows], self.row_min_p[rows]
         sampling = temps > 0
-        floats = self._to_device(np.stack([temps, top_p, min_p]), torch.float32)  # two copies, not six
-        ints = self._to_device(np.stack([top_k, self.row_seed[rows], out_positions]), torch.int64)
+        # two copies, not six; rows padded to the staging alignment so every row starts aligned
+        width = -(-len(rows) // Staging.ALIGN) * Staging.ALIGN
+        floats = self._to_device(_rows_padded([temps, top_p, min_p], width, np.float32), torch.float32)
+        ints = self._to_device(_rows_padded([top_k, self.row_seed[rows], out_positions], width, np.int64),
+                               torch.int64)
+        floats, ints = floats[:, :len(rows)], ints[:, :len(rows)]
         batch = SamplingBatch(
             temperatures=floats[0], top_ps=floats[1], min_ps=floats[2],
             top_ks=ints[0], seeds=ints[1], positions=ints[2],
@@ -515,6 +519,16 @@ class Staging:
         self.turn = 0
         self.used = dict.fromkeys(capacity, 0)
 
+    ALIGN = 16  # elements: every slice starts 64-byte aligned, so Triton (which specializes kernels on
+    # pointer alignment) compiles one variant at warm-up instead of new ones in the middle of a run
+
+    def _take(self, dtype: torch.dtype, n: int) -> Optional[int]:
+        start = self.used[dtype]
+        if start + n > self.capacity[dtype]:
+            return None
+        self.used[dtype] = start + -(-n // self.ALIGN) * self.ALIGN
+        return start
+
     def begin_step(self) -> None:
         self.turn ^= 1
         self.used = dict.fromkeys(self.capacity, 0)
@@ -525,22 +539,21 @@ class Staging:
             dst.copy_(torch.as_tensor(np.asarray(values)).view(dst.shape))
             return
         array = np.asarray(values)
-        start = self.used[dst.dtype]
-        if start + array.size > self.capacity[dst.dtype]:
+        start = self._take(dst.dtype, array.size)
+        if start is None:
             dst.copy_(torch.as_tensor(array).view(dst.shape))
             return
-        self.used[dst.dtype] = start + array.size
         host = self.host[self.turn][dst.dtype][start:start + array.size]
         host.numpy()[:] = array.reshape(-1)
         dst.copy_(host.view(dst.shape), non_blocking=True)
 
     def put(self, values, dtype: torch.dtype) -> torch.Tensor:
         array = np.asarray(values)
-        n, start = array.size, self.used[dtype]
-        if start + n > self.capacity[dtype]:  # larger than planned for: a one-off copy
+        n = array.size
+        start = self._take(dtype, n)
+        if start is None:  # larger than planned for: a one-off copy
             t = torch.as_tensor(array).to(dtype).reshape(array.shape)
             return t.to(self.device, non_blocking=False) if self.cuda else t
-        self.used[dtype] = start + n
         host = self.host[self.turn][dtype][start:start + n]
         host.numpy()[:] = array.reshape(-1)
         if not self.cuda:
@@ -548,6 +561,13 @@ class Staging:
         dev = self.dev[dtype][start:start + n]
         dev.copy_(host, non_blocking=True)
         return dev.view(array.shape)
+
+
+def _rows_padded(rows: list, width: int, dtype) -> np.ndarray:
+    out = np.zeros((len(rows), width), dtype=dtype)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = row
+    return out
 
 
 def _uses_penalties(p: SamplingFields) -> bool:
