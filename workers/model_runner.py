@@ -219,6 +219,11 @@ class ModelRunner:
         """Compile every Triton kernel variant a run can hit now, so none compiles inside a timed region."""
         for q in (16, 32, 64, 128, 256):  # the prefill kernel's tile sizes
             self._dummy_forward([q, 1], sample_rows=2)
+        # The LM head runs outside the decode graphs with one row per sampling sequence: let cuBLAS pick
+        # (and the driver load) its kernel for every row count now rather than on first use mid-run.
+        hidden = torch.zeros(self.config.max_num_seqs, self.spec.hidden_size, dtype=self.dtype, device=self.device)
+        for rows in range(1, self.config.max_num_seqs + 1):
+            self.model.compute_logits(hidden[:rows])
         torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
