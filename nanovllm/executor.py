@@ -19,8 +19,8 @@ import torch.distributed as dist
 from nanovllm.config import EngineConfig
 from parallel.channels import EngineChannel
 from parallel.distributed import TORCHRUN_ADDRESS_KEY, torchrun_env, torchrun_store
-from parallel.protocol import AllocateKVCache, Init, KVCacheReady, Ready, Shutdown, StepPlan, StepResult, WorkerError
-from parallel.protocol import Hello
+from parallel.protocol import (AllocateKVCache, Hello, Init, KVCacheReady, Ready, Shutdown, StepPlan, StepResult,
+                               WorkerError)
 from workers.worker import worker_main
 
 POLL_MS = 100
@@ -55,8 +55,8 @@ class Executor:
                 raise RuntimeError("distributed_executor_backend='torchrun' needs this process to be torchrun rank 0")
             if env["world_size"] != self.world_size:
                 raise ValueError(f"tensor_parallel_size={self.world_size} but torchrun started {env['world_size']} ranks")
-            host = env["master_addr"]
-            self.channel = EngineChannel(host if host not in ("localhost",) else "127.0.0.1")
+            # the other ranks (maybe on other hosts) reach the engine where they reach torchrun's store
+            self.channel = EngineChannel(env["master_addr"])
             dist_init = "torchrun"
             torchrun_store().set(TORCHRUN_ADDRESS_KEY, self.channel.address)
             ranks = [0]

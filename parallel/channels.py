@@ -24,7 +24,9 @@ class EngineChannel:
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        bind_host = "*" if host not in ("127.0.0.1", "localhost") else host
+        if host == "localhost":
+            host = "127.0.0.1"
+        bind_host = host if host == "127.0.0.1" else "*"  # a remote rank must be able to reach it
         port = self.socket.bind_to_random_port(f"tcp://{bind_host}")
         self.address = f"tcp://{host}:{port}"
 

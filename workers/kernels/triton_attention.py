@@ -19,7 +19,6 @@ See docs/kernels.md for the design notes.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional
 
 import torch
