@@ -61,7 +61,10 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens + seq.num_pending - seq.num_computed_tokens, budget)
-            if n <= 0 or self._will_finish(seq):
+            # a token still in flight can be an input only in the very next step (the workers keep just
+            # the last step's sampled tokens on the device); after a skipped step, wait for its value
+            stale = seq.num_pending and seq.last_step != self.step_id
+            if n <= 0 or stale or self._will_finish(seq):
                 i += 1
                 continue
             while not self.block_manager.allocate(seq, n):
@@ -123,6 +126,7 @@ class Scheduler:
                 running_n.append(n)
                 running_blocks.append(seq.block_ids[seq.num_blocks_on_workers:])
             seq.num_blocks_on_workers = len(seq.block_ids)
+            seq.last_step = self.step_id
         preempted_ids = [s.seq_id for s in preempted if s.on_workers]
         for seq in preempted:
             seq.on_workers = False

@@ -28,6 +28,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0  # tokens whose K/V is in the cache once the plans sent so far have run
         self.num_pending = 0  # tokens being sampled by plans in flight (their values not yet known here)
+        self.last_step = -1  # the plan that last scheduled it
         self.num_cached_tokens = 0  # of the prompt, served from the prefix cache at admission
         self.block_ids: List[int] = []
         self.block_hashes: List[int] = []  # chained hashes of this sequence's full blocks, in order

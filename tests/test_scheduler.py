@@ -117,3 +117,27 @@ def test_plans_run_ahead_of_results():
     sched.append_token(a, 7)
     assert sched.schedule() == (None, [])  # still complete once the pending ones arrive
     assert sched.pending_sampled == [(0, 7)]
+
+
+def test_a_skipped_sequence_waits_for_its_token():
+    """Workers keep only the last step's sampled tokens: a sequence skipped for a step must not be
+    scheduled again until the value of its pending token has arrived."""
+    bm = BlockManager(num_blocks=100, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=4, max_model_len=1000)
+    r = seq(0, [1, 2])
+    sched.add(r)
+    sched.schedule()  # plan 1: r's prefill, samples (pending 1)
+    x = seq(1, list(range(10, 19)))  # 9 tokens, put ahead of r so it eats the budget
+    sched.add(x)
+    sched.waiting.remove(x)
+    assert bm.admit(x, [], [], 0)
+    x.status = r.status
+    sched.running.insert(0, x)
+    _, s2 = sched.schedule()  # plan 2: x takes the whole budget, r is skipped
+    assert [q for q, _ in s2] == [x]
+    _, s3 = sched.schedule()  # plan 3: x takes 4 of its 5 remaining tokens
+    _, s4 = sched.schedule()  # plan 4: x's last token, r still waits for its token from plan 1
+    assert r not in [q for q, _ in s3 + s4]
+    sched.append_token(r, 7)  # the value arrives
+    _, s5 = sched.schedule()
+    assert (r, 1) in s5

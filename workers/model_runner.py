@@ -412,6 +412,7 @@ class ModelRunner:
             flush_previous()  # penalties need the previous step's tokens on the host
         scheduled = self.apply_plan(plan)
         if not scheduled:
+            self.prev_index = {}  # nothing sampled: no later step may take an input from here
             return StepHandle(plan.step_id, [], None, None, None)
         self.staging.begin_step()
         inp = self._prepare(scheduled)
@@ -436,6 +437,7 @@ class ModelRunner:
             state.num_computed_tokens += n
         sample_ids = inp["sample_ids"]
         if not sample_ids:
+            self.prev_index = {}
             return StepHandle(plan.step_id, [], None, None, None)
         if len(sample_ids) == hidden.shape[0]:  # every row samples (decode): no gather needed
             logits = self.model.compute_logits(hidden)
