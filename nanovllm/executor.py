@@ -158,7 +158,8 @@ class Executor:
                     self.channel.broadcast(range(self.world_size), Shutdown())
                 except Exception:
                     pass  # a worker already gone: fall through to terminate
-        deadline = time.monotonic() + 5
+        # a clean shutdown gets 5 s to exit; after a failure the survivors may be stuck in a collective
+        deadline = time.monotonic() + (0.5 if self.dead else 5)
         for p in self.processes:
             p.join(timeout=max(0.0, deadline - time.monotonic()))
         for p in self.processes:
