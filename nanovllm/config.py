@@ -71,6 +71,10 @@ class EngineConfig:
                              f"({limit})")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend={self.attention_backend!r}: choose one of {ATTENTION_BACKENDS}")
+        if self.attention_backend == "flash_attn":
+            raise ValueError("attention_backend='flash_attn' is not implemented yet: use 'auto', 'triton' or 'torch'")
+        if self.device == "cpu" and self.attention_backend == "triton":
+            raise ValueError("attention_backend='triton' needs a CUDA device: on CPU use 'auto' or 'torch'")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format={self.load_format!r}: must be 'auto' or 'dummy'")
         if self.distributed_executor_backend not in ("mp", "torchrun"):

@@ -57,6 +57,10 @@ def test_bad_engine_arguments(tiny_models, tmp_path):
         LLM(str(tmp_path / "no-such-model"))
     with pytest.raises(ValueError, match="dtype='float8'"):
         LLM(tiny_models["qwen3"], dtype="float8")
+    with pytest.raises(ValueError, match="attention_backend='triton' needs a CUDA device"):
+        LLM(tiny_models["qwen3"], device="cpu", attention_backend="triton")
+    with pytest.raises(ValueError, match="attention_backend='flash_attn' is not implemented yet"):
+        LLM(tiny_models["qwen3"], attention_backend="flash_attn")
     with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
         LLM(tiny_models["qwen3"], max_model_len=100000)
     bad = tmp_path / "bert"
