@@ -167,6 +167,8 @@ class LLMEngine:
             if seq.is_finished:  # stopped (or aborted) while this step was in flight
                 continue
             self.scheduler.append_token(seq, token)
+            if seq.first_token_time is None:
+                seq.first_token_time = time.time()
             reason = self._stop_reason(seq, token)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
@@ -207,8 +209,12 @@ class LLMEngine:
         else:
             text = ""
         completion = CompletionOutput(0, text, seq.output_token_ids, seq.finish_reason)
+        if seq.is_finished and seq.finished_time is None:
+            seq.finished_time = time.time()
+        metrics = {"arrival_time": seq.arrival_time, "first_token_time": seq.first_token_time,
+                   "finished_time": seq.finished_time}
         return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [completion],
-                             finished=seq.is_finished, num_cached_tokens=seq.num_cached_tokens)
+                             finished=seq.is_finished, num_cached_tokens=seq.num_cached_tokens, metrics=metrics)
 
     def shutdown(self) -> None:
         if self.timing:

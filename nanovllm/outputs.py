@@ -22,7 +22,7 @@ class RequestOutput:
     outputs: List[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
-    metrics: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)  # arrival_time, first_token_time, finished_time (time.time())
 
     @property
     def text(self) -> str:

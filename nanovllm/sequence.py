@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from typing import List, Optional
 
 from nanovllm.sampling_params import SamplingParams
@@ -36,6 +37,10 @@ class Sequence:
         self.num_blocks_on_workers = 0
         self.finish_reason: Optional[str] = None
         self.text = ""  # only maintained when stop strings need it
+        # wall-clock times (time.time()), reported in RequestOutput.metrics
+        self.arrival_time = time.time()
+        self.first_token_time: Optional[float] = None
+        self.finished_time: Optional[float] = None
 
     @property
     def num_tokens(self) -> int:

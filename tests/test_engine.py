@@ -33,6 +33,8 @@ def test_greedy_matches_transformers(tiny_models, references, arch, tp):
     assert [o.prompt_token_ids for o in outs] == PROMPTS
     assert [o.token_ids for o in outs] == references[arch]
     assert all(o.finish_reason == "length" for o in outs)
+    m = outs[0].metrics
+    assert m["arrival_time"] <= m["first_token_time"] <= m["finished_time"]
 
 
 def test_preemption_chunked_prefill_and_prefix_cache(tiny_models, references):
