@@ -77,7 +77,3 @@ class SamplingParams:
             bad("stop_token_ids", "must be a list of non-negative ints")
         if not isinstance(self.ignore_eos, bool):
             bad("ignore_eos", "must be a bool")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0

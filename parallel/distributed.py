@@ -28,14 +28,6 @@ class ParallelContext:
             dist.all_reduce(x, group=self.group)
         return x
 
-    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
-        """Concatenate every rank's ``x`` along the last dimension (same shape on every rank)."""
-        if self.world_size == 1:
-            return x
-        parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
-        return torch.cat(parts, dim=-1)
-
     def gather_last_dim(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """Concatenate along the last dimension on rank 0; other ranks get None."""
         if self.world_size == 1:

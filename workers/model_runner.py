@@ -48,7 +48,6 @@ class RequestState:
 class StepHandle:
     step_id: int
     req_ids: List[int]  # requests that sample this step
-    tokens: Optional[torch.Tensor]  # device [n] int64
     host_tokens: Optional[torch.Tensor]  # pinned host copy (rank 0)
     done: Optional[torch.cuda.Event]
 
@@ -413,7 +412,7 @@ class ModelRunner:
         scheduled = self.apply_plan(plan)
         if not scheduled:
             self.prev_index = {}  # nothing sampled: no later step may take an input from here
-            return StepHandle(plan.step_id, [], None, None, None)
+            return StepHandle(plan.step_id, [], None, None)
         self.staging.begin_step()
         inp = self._prepare(scheduled)
         dev = self.device
@@ -438,7 +437,7 @@ class ModelRunner:
         sample_ids = inp["sample_ids"]
         if not sample_ids:
             self.prev_index = {}
-            return StepHandle(plan.step_id, [], None, None, None)
+            return StepHandle(plan.step_id, [], None, None)
         if len(sample_ids) == hidden.shape[0]:  # every row samples (decode): no gather needed
             logits = self.model.compute_logits(hidden)
         else:
@@ -465,7 +464,7 @@ class ModelRunner:
             done.record()
         elif self.ctx.rank == 0:
             host = tokens
-        return StepHandle(plan.step_id, sample_ids, tokens, host, done)
+        return StepHandle(plan.step_id, sample_ids, host, done)
 
     def _run_graph(self, size: int, batch: int, inp: dict) -> torch.Tensor:
         """Inputs go straight from the pinned staging buffers into the graph's input buffers."""
