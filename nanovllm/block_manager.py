@@ -129,6 +129,15 @@ class BlockManager:
                 block.hash, block.token_ids = h, tokens
                 self.cached.setdefault(h, block.block_id)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block that no running sequence holds (their contents become plain free
+        blocks); blocks in use keep their hashes, which stay true."""
+        for block_id in self.free_blocks:
+            block = self.blocks[block_id]
+            if block.hash is not None and self.cached.get(block.hash) == block_id:
+                del self.cached[block.hash]
+            block.hash, block.token_ids = None, None
+
     def free(self, seq: Sequence) -> None:
         # tail blocks first, so a prefix outlives its continuations in the LRU order
         for block_id in reversed(seq.block_ids):

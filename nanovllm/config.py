@@ -29,6 +29,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 16384
     gpu_memory_utilization: float = 0.9
     kvcache_block_size: int = 16
+    enable_prefix_caching: bool = True
     enforce_eager: bool = False
     load_format: str = "auto"
     seed: int = 0

@@ -26,7 +26,8 @@ class LLM:
     """An offline inference engine. Keyword arguments follow vLLM's names (see ``EngineConfig``):
 
     ``tensor_parallel_size=1, dtype="auto", device="auto", max_model_len=None, max_num_seqs=256,
-    max_num_batched_tokens=16384, gpu_memory_utilization=0.9, kvcache_block_size=16, enforce_eager=False,
+    max_num_batched_tokens=16384, gpu_memory_utilization=0.9, kvcache_block_size=16,
+    enable_prefix_caching=True, enforce_eager=False,
     load_format="auto"|"dummy", seed=0, attention_backend="auto", num_gpu_blocks_override=None,
     cpu_kvcache_space_gib=1.0, distributed_executor_backend="mp"|"torchrun", tokenizer=None,
     skip_tokenizer_init=False``.
@@ -44,6 +45,10 @@ class LLM:
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
+
+    def reset_prefix_cache(self) -> None:
+        """Drop the prefix cache's contents (e.g. between benchmark runs)."""
+        self._engine().block_manager.reset_prefix_cache()
 
     def generate(self, prompts, sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
                  use_tqdm: bool = True) -> List[RequestOutput]:

@@ -55,6 +55,9 @@ def test_preemption_chunked_prefill_and_prefix_cache(tiny_models, references):
         rest = llm.generate(shared[1:], GREEDY, use_tqdm=False)
         assert engine.block_manager.prefix_cache_hits - hits_before >= 3 * 48
         assert all(o.num_cached_tokens == 48 for o in rest)
+        llm.reset_prefix_cache()
+        [again] = llm.generate(shared[:1], GREEDY, use_tqdm=False)
+        assert again.num_cached_tokens == 0 and again.token_ids == first[0].token_ids
     assert [o.token_ids for o in first + rest] == hf_greedy(path, shared, MAX_TOKENS)
 
 
@@ -145,3 +148,11 @@ def test_abort(tiny_models):
             done += engine.step()[0]
         assert [o.request_id for o in done] == ["b"]
         assert engine.block_manager.num_free_blocks == len(engine.block_manager.blocks)
+
+
+def test_prefix_caching_can_be_disabled(tiny_models):
+    prompt = make_prompts(1, seed=5, lo=40, hi=40)
+    with LLM(tiny_models["qwen3"], dtype="float32", enable_prefix_caching=False) as llm:
+        llm.generate(prompt, GREEDY, use_tqdm=False)
+        [out] = llm.generate(prompt, GREEDY, use_tqdm=False)
+        assert out.num_cached_tokens == 0 and llm.llm_engine.block_manager.prefix_cache_hits == 0
