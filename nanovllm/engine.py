@@ -121,7 +121,8 @@ class LLMEngine:
             temperature=float(params.temperature), top_p=float(params.top_p), top_k=params.top_k,
             min_p=float(params.min_p), repetition_penalty=float(params.repetition_penalty),
             presence_penalty=float(params.presence_penalty), frequency_penalty=float(params.frequency_penalty),
-            min_tokens=params.min_tokens, seed=seed % (1 << 32), stop_token_ids=stop_ids)
+            min_tokens=params.min_tokens, seed=seed % (1 << 32), stop_token_ids=stop_ids,
+            logprobs=-1 if params.logprobs is None else params.logprobs)
         seq = Sequence(next(self.seq_ids), request_id, token_ids, params, fields.__dict__, max_tokens, text)
         self.requests[request_id] = seq
         if params.stop_strings and self.tokenizer is not None:
@@ -160,6 +161,14 @@ class LLMEngine:
         result = self.executor.wait_result(step_id)
         t2 = time.perf_counter()
         by_id = {seq.seq_id: seq for seq, _ in scheduled}
+        if result.logprobs:
+            sampled_token = dict(zip(result.req_ids, result.token_ids))
+            for req_id, sampled_lp, top_ids, top_lps in result.logprobs:
+                seq = by_id[req_id]
+                if not seq.is_finished:
+                    entry = dict(zip(top_ids, top_lps))
+                    entry[sampled_token[req_id]] = sampled_lp
+                    seq.logprobs.append(entry)
         num_decode = sum(1 for seq, n in scheduled if n == 1 and seq.num_output_tokens > 0)
         num_prefill = sum(n for _, n in scheduled) - num_decode
         finished = []
@@ -210,6 +219,9 @@ class LLMEngine:
         else:
             text = ""
         completion = CompletionOutput(0, text, seq.output_token_ids, seq.finish_reason)
+        if seq.logprobs is not None:
+            completion.logprobs = seq.logprobs
+            completion.cumulative_logprob = sum(entry[t] for entry, t in zip(seq.logprobs, seq.output_token_ids))
         if seq.is_finished and seq.finished_time is None:
             seq.finished_time = time.time()
         metrics = {"arrival_time": seq.arrival_time, "first_token_time": seq.first_token_time,

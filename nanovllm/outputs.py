@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 
 @dataclass
@@ -12,6 +12,10 @@ class CompletionOutput:
     text: str
     token_ids: List[int]
     finish_reason: Optional[str]  # "stop" | "length" | "abort"; None while running
+    # with SamplingParams(logprobs=k): per generated token, {token id: logprob} for the sampled token and
+    # the k most likely ones (the model's raw distribution); cumulative_logprob sums the sampled ones
+    logprobs: Optional[List[Dict[int, float]]] = None
+    cumulative_logprob: Optional[float] = None
 
 
 @dataclass
@@ -35,3 +39,11 @@ class RequestOutput:
     @property
     def finish_reason(self) -> Optional[str]:
         return self.outputs[0].finish_reason
+
+    @property
+    def logprobs(self) -> Optional[List[Dict[int, float]]]:
+        return self.outputs[0].logprobs
+
+    @property
+    def cumulative_logprob(self) -> Optional[float]:
+        return self.outputs[0].cumulative_logprob

@@ -21,6 +21,7 @@ class SamplingParams:
     stop_token_ids: Optional[List[int]] = None
     ignore_eos: bool = False
     seed: Optional[int] = None
+    logprobs: Optional[int] = None  # return the sampled token's logprob and this many top alternatives
     stop_strings: List[str] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -61,6 +62,8 @@ class SamplingParams:
             bad("min_tokens", f"must be <= max_tokens ({self.max_tokens})")
         if self.seed is not None:
             integer("seed")
+        if self.logprobs is not None and not 0 <= integer("logprobs") <= 20:
+            bad("logprobs", "must be in [0, 20]")
         if self.stop is None:
             self.stop_strings = []
         elif isinstance(self.stop, str):

@@ -37,6 +37,7 @@ class Sequence:
         self.num_blocks_on_workers = 0
         self.finish_reason: Optional[str] = None
         self.text = ""  # only maintained when stop strings need it
+        self.logprobs: Optional[List[dict]] = [] if params.logprobs is not None else None
         # wall-clock times (time.time()), reported in RequestOutput.metrics
         self.arrival_time = time.time()
         self.first_token_time: Optional[float] = None

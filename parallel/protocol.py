@@ -110,6 +110,7 @@ class SamplingFields:
     frequency_penalty: float = 0.0
     min_tokens: int = 0
     seed: int = 0
+    logprobs: int = -1  # how many top logprobs to return besides the sampled token's; -1: none
     # token ids that must not be sampled before min_tokens (EOS and stop_token_ids)
     stop_token_ids: list = field(default_factory=list)
 
@@ -134,6 +135,8 @@ class StepResult:
     step_id: int
     req_ids: list  # the requests that sampled a token this step, in plan order
     token_ids: list
+    # for requests that asked for logprobs: [req_id, sampled token's logprob, [top ids], [top logprobs]]
+    logprobs: list = field(default_factory=list)
 
 
 @dataclass

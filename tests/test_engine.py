@@ -156,3 +156,31 @@ def test_prefix_caching_can_be_disabled(tiny_models):
         llm.generate(prompt, GREEDY, use_tqdm=False)
         [out] = llm.generate(prompt, GREEDY, use_tqdm=False)
         assert out.num_cached_tokens == 0 and llm.llm_engine.block_manager.prefix_cache_hits == 0
+
+
+def test_logprobs_match_transformers(tiny_models):
+    """The sampled token's logprob and the top-3 alternatives equal log_softmax of transformers' logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_models["qwen2"]
+    prompts = make_prompts(3, seed=21)
+    params = [SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=3),
+              SamplingParams(temperature=0.9, max_tokens=5, ignore_eos=True, logprobs=0, seed=4),
+              SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)]
+    with LLM(path, dtype="float32", tensor_parallel_size=2) as llm:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    assert outs[2].logprobs is None
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    for out, k in zip(outs[:2], (3, 0)):
+        ids = torch.tensor([out.prompt_token_ids + out.token_ids])
+        with torch.no_grad():
+            ref = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
+        n = len(out.prompt_token_ids)
+        assert len(out.logprobs) == len(out.token_ids) == 5
+        for i, (token, entry) in enumerate(zip(out.token_ids, out.logprobs)):
+            row = ref[n - 1 + i]
+            assert abs(entry[token] - row[token].item()) < 1e-4
+            top = row.topk(k).indices.tolist() if k else []
+            assert set(entry) == set(top) | {token}
+        assert abs(out.cumulative_logprob - sum(e[t] for e, t in zip(out.logprobs, out.token_ids))) < 1e-9

@@ -50,6 +50,7 @@ class StepHandle:
     req_ids: List[int]  # requests that sample this step
     host_tokens: Optional[torch.Tensor]  # pinned host copy (rank 0)
     done: Optional[torch.cuda.Event]
+    logprobs: Optional[tuple] = None  # (req ids, sampled logprobs, top ids, top logprobs), device tensors
 
 
 def select_attention_backend(name: str, device: str):
@@ -447,8 +448,10 @@ class ModelRunner:
             rows = np.fromiter((s.row for s in states), dtype=np.int64, count=len(states))
             ends = np.fromiter((s.num_computed_tokens for s in states), dtype=np.int64, count=len(states))
             tokens = sample(logits, self.sampling_batch(states, rows, ends))
+            logprobs = self._logprobs(logits, tokens, states, sample_ids)
         else:
             tokens = torch.empty(len(sample_ids), dtype=torch.int64, device=dev)
+            logprobs = None
         if self.ctx.world_size > 1:  # every rank needs the tokens: they are the next step's inputs
             torch.distributed.broadcast(tokens, src=0, group=self.ctx.group)
         for state in states:
@@ -464,7 +467,7 @@ class ModelRunner:
             done.record()
         elif self.ctx.rank == 0:
             host = tokens
-        return StepHandle(plan.step_id, sample_ids, host, done)
+        return StepHandle(plan.step_id, sample_ids, host, done, logprobs)
 
     def _run_graph(self, size: int, batch: int, inp: dict) -> torch.Tensor:
         """Inputs go straight from the pinned staging buffers into the graph's input buffers."""
@@ -502,7 +505,27 @@ class ModelRunner:
             state = self.requests.get(req_id)
             if state is not None:
                 state.unconfirmed.append(token)
-        return StepResult(step_id=handle.step_id, req_ids=handle.req_ids, token_ids=tokens)
+        logprobs = []
+        if handle.logprobs is not None:
+            req_ids, sampled, top_ids, top_lps = handle.logprobs
+            for req_id, lp, ids, lps in zip(req_ids, sampled.tolist(), top_ids.tolist(), top_lps.tolist()):
+                k = self.requests[req_id].sampling.logprobs if req_id in self.requests else 0
+                logprobs.append([req_id, lp, ids[:k], lps[:k]])
+        return StepResult(step_id=handle.step_id, req_ids=handle.req_ids, token_ids=tokens, logprobs=logprobs)
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, states: List[RequestState], req_ids: List[int]):
+        """Log-probabilities of the model's raw distribution (before penalties, temperature and
+        truncation, as vLLM returns by default) for the rows that asked for them; None if none did."""
+        rows = [i for i, s in enumerate(states) if s.sampling.logprobs >= 0]
+        if not rows:
+            return None
+        k = max(states[i].sampling.logprobs for i in rows)
+        index = torch.tensor(rows, device=logits.device)
+        lp = torch.log_softmax(logits[index].float(), dim=-1)
+        sampled = lp.gather(1, tokens[index].unsqueeze(1)).squeeze(1)
+        top_lps, top_ids = lp.topk(max(k, 1), dim=-1)
+        return [req_ids[i] for i in rows], sampled, top_ids, top_lps
 
 
 class Staging:
