@@ -419,11 +419,16 @@ def main(argv=None) -> dict:
         "runs": runs,
         "median": median,
     }
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.json}")
+    write_json(args.json, result)
     return result
+
+
+def write_json(path, result: dict) -> None:
+    """Write a benchmark's result (all numbers) when --json asked for it."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -16,14 +16,13 @@ On a machine without CUDA a small configuration runs instead (a tiny Qwen3-shape
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import tempfile
 import time
 
 from bench import (MAX_TOKEN_ID, QWEN3_0_6B, TINY_QWEN3, WARMUP_PROMPT, cuda_available, probe_device,
-                   write_config_dir)
+                   write_config_dir, write_json)
 from nanovllm import LLM, SamplingParams
 
 FULL_DEFAULTS = dict(batch_sizes="1,8,64", input_len=512, output_len=256)
@@ -142,10 +141,7 @@ def main(argv=None) -> dict:
         "args": vars(args),
         "results": results,
     }
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.json}")
+    write_json(args.json, result)
     return result
 
 

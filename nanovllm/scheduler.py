@@ -161,9 +161,3 @@ class Scheduler:
             seq.on_workers = False
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-
-    def find(self, request_id: str) -> Optional[Sequence]:
-        for seq in list(self.running) + list(self.waiting):
-            if seq.request_id == request_id:
-                return seq
-        return None

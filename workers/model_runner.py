@@ -273,6 +273,7 @@ class ModelRunner:
         for req_id in list(plan.finished_req_ids) + list(plan.preempted_req_ids):
             state = self.requests.pop(req_id, None)
             if state is not None:
+                self.row_penalized[state.row] = False
                 self.free_rows.append(state.row)
         for req_id, token in zip(plan.sampled_req_ids, plan.sampled_token_ids):
             state = self.requests.get(req_id)
@@ -398,9 +399,10 @@ class ModelRunner:
         return batch
 
     def needs_history(self, plan: StepPlan) -> bool:
-        """Whether sampling this plan reads token histories (penalties), i.e. needs every earlier token."""
-        live = [self.requests[r].row for r in plan.running_req_ids if r in self.requests]
-        return bool(self.row_penalized[live].any()) or any(
+        """Whether sampling this plan may read token histories (penalties), i.e. need every earlier token.
+
+        Conservative: any live request with penalties counts, so the per-step cost is one comparison."""
+        return self.row_penalized.any() or any(
             _uses_penalties(SamplingFields(**r.sampling)) for r in plan.new_requests)
 
     # ---- a step --------------------------------------------------------------------------------------
