@@ -278,15 +278,24 @@ def engine_kwargs(args, load_format: str) -> dict:
                 load_format=load_format, skip_tokenizer_init=True)
 
 
+def triton_cache_entries() -> int:
+    """Kernels in Triton's on-disk cache: a count that grows while the run compiles a kernel."""
+    path = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
+    return len(os.listdir(path)) if os.path.isdir(path) else 0
+
+
 def timed_run(llm, prompts, max_tokens, temperature=0.6) -> dict:
     """One timed generate of the whole workload; returns its numbers."""
     engine = llm.llm_engine
     params = [SamplingParams(temperature=temperature, ignore_eos=True, max_tokens=n) for n in max_tokens]
     steps_before = engine.scheduler.step_id
     preemptions_before = getattr(engine.scheduler, "num_preemptions", 0)
+    kernels_before = triton_cache_entries()
+    log_before = len(engine.step_log) if engine.step_log is not None else 0
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
+    step_log = engine.step_log[log_before:] if engine.step_log is not None else None
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
     output_tokens = sum(len(o.token_ids) for o in outputs)
     return {
@@ -300,6 +309,8 @@ def timed_run(llm, prompts, max_tokens, temperature=0.6) -> dict:
         "preemptions": getattr(engine.scheduler, "num_preemptions", 0) - preemptions_before,
         "prefix_cache_hit_tokens": sum(o.num_cached_tokens for o in outputs),
         "output_lens": [len(o.token_ids) for o in outputs],
+        "triton_kernels_compiled": triton_cache_entries() - kernels_before,
+        "step_log": [(t - start, *sizes) for t, *sizes in step_log] if step_log else None,
     }
 
 
@@ -309,6 +320,40 @@ def add_roofline(run: dict, cfg: dict, tp: int, dtype_bytes: int, prompt_lens, b
     if bandwidth:
         run["roofline_floor_s"] = run["roofline_bytes"]["total"] / bandwidth
         run["roofline_pct"] = 100 * run["roofline_floor_s"] / run["seconds"]
+
+
+STEP_BUCKETS = ((1, 8), (9, 32), (33, 64), (65, 128), (129, 192), (193, 256), (257, 1 << 30))
+
+
+def step_breakdown(run: dict, cfg: dict, tp: int, dtype_bytes: int, bandwidth: float) -> list:
+    """Where the run's time went, from the engine's step log (NANOVLLM_STEP_TIMING=1): steps grouped into
+    prefill-carrying steps and decode steps by batch size, each group's wall time (between consecutive
+    results) against its floor (weights + K/V attended + K/V written, at the copy bandwidth)."""
+    weights, per_token = weight_bytes_per_step(cfg, tp, dtype_bytes), kv_bytes_per_token(cfg, tp, dtype_bytes)
+    groups, previous = {}, 0.0
+    for t, seqs, tokens, kv_tokens in run["step_log"]:
+        if tokens > seqs:
+            name = "with prefill"
+        else:
+            name = next(f"decode {lo}-{hi}" if hi < 1 << 30 else f"decode {lo}+" for lo, hi in STEP_BUCKETS
+                        if lo <= seqs <= hi)
+        g = groups.setdefault(name, {"group": name, "steps": 0, "seconds": 0.0, "floor_s": 0.0})
+        g["steps"] += 1
+        g["seconds"] += t - previous
+        g["floor_s"] += (weights + (kv_tokens + tokens) * per_token) / bandwidth
+        previous = t
+    for g in groups.values():
+        g["ms_per_step"] = 1e3 * g["seconds"] / g["steps"]
+        g["floor_ms_per_step"] = 1e3 * g["floor_s"] / g["steps"]
+    order = ["with prefill"] + [f"decode {lo}-{hi}" if hi < 1 << 30 else f"decode {lo}+" for lo, hi in STEP_BUCKETS]
+    return [groups[name] for name in order if name in groups]
+
+
+def print_breakdown(groups: list) -> None:
+    print(f"{'steps':>24} {'count':>6} {'seconds':>8} {'ms/step':>8} {'floor ms':>9} {'% of floor':>10}")
+    for g in groups:
+        print(f"{g['group']:>24} {g['steps']:>6} {g['seconds']:>8.3f} {g['ms_per_step']:>8.3f} "
+              f"{g['floor_ms_per_step']:>9.3f} {100 * g['floor_s'] / g['seconds']:>9.1f}%")
 
 
 def fmt_bytes(nbytes: float) -> str:
@@ -324,6 +369,8 @@ def print_run(label: str, run: dict) -> None:
             f"{run['engine_steps']:,} steps")
     if "roofline_pct" in run:
         line += f", {run['roofline_pct']:.1f}% of roofline"
+    if run.get("triton_kernels_compiled"):
+        line += f", {run['triton_kernels_compiled']} Triton kernels compiled during the run"
     print(line, flush=True)
 
 
@@ -388,6 +435,7 @@ def main(argv=None) -> dict:
     print(f"output tok/s:   {median['output_tok_per_s']:,.1f}")
     print(f"total tok/s:    {median['total_tok_per_s']:,.1f}")
     print(f"engine steps:   {median['engine_steps']:,}")
+    print(f"Triton kernels compiled during the run: {median['triton_kernels_compiled']}")
     if median["preemptions"] or median["prefix_cache_hit_tokens"]:
         print(f"note: {median['preemptions']} preemptions, {median['prefix_cache_hit_tokens']} prefix-cache hit "
               "tokens (the roofline counts neither)")
@@ -399,6 +447,11 @@ def main(argv=None) -> dict:
               f"{median['roofline_pct']:.1f}% of roofline")
     else:
         print("roofline: n/a (no CUDA)")
+    if median.get("step_log") and bandwidth:
+        median["step_breakdown"] = step_breakdown(median, cfg, tp, dtype_bytes, bandwidth)
+        print("\nwhere the time went (NANOVLLM_STEP_TIMING=1; floor = weights + K/V read and written at the copy "
+              "bandwidth)")
+        print_breakdown(median["step_breakdown"])
 
     result = {
         "device": probe["device"],

@@ -61,7 +61,11 @@ class LLMEngine:
         self.seq_ids = itertools.count()
         self.requests: Dict[str, Sequence] = {}
         self.detokenizers: Dict[int, IncrementalDetokenizer] = {}
-        self.timing: Optional[list] = [] if os.environ.get("NANOVLLM_STEP_TIMING") else None  # profiling aid
+        # NANOVLLM_STEP_TIMING=1 (a profiling aid): where this process's time goes per step, and a log of
+        # every step (result time, sequences, new tokens, K/V tokens attended) that bench.py breaks down
+        self.timing: Optional[list] = [] if os.environ.get("NANOVLLM_STEP_TIMING") else None
+        self.step_log: Optional[list] = [] if self.timing is not None else None
+        self.step_sizes: Dict[int, tuple] = {}
 
     def _load_tokenizer(self):
         from transformers import AutoTokenizer
@@ -152,6 +156,9 @@ class LLMEngine:
                 break
             self.executor.send(plan)
             self.in_flight.append((plan.step_id, scheduled))
+            if self.step_log is not None:  # num_computed_tokens already counts this step's tokens
+                self.step_sizes[plan.step_id] = (len(scheduled), sum(n for _, n in scheduled),
+                                                 sum(seq.num_computed_tokens for seq, _ in scheduled))
         if not self.in_flight:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("the scheduler could not schedule any request")
@@ -187,6 +194,7 @@ class LLMEngine:
                 finished.append(self._output(seq))
         if self.timing is not None:
             self.timing.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
+            self.step_log.append((t2, *self.step_sizes.pop(step_id)))
         return finished, num_prefill, num_decode
 
     def _stop_reason(self, seq: Sequence, token: int) -> Optional[str]:

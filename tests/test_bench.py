@@ -72,6 +72,27 @@ def test_roofline_bytes_by_hand_tp2():
                    "total": 700_160 + 6_528 + 2_304}
 
 
+def test_step_breakdown_by_hand():
+    # Qwen3-0.6B shape, TP 1, bf16: weights per step from the function checked above, K/V 114,688 bytes
+    # per token; a bandwidth of 1e12 B/s keeps the arithmetic readable.
+    cfg, bw = bench.QWEN3_0_6B, 1e12
+    w, kv = bench.weight_bytes_per_step(cfg, 1, 2), 114_688
+    # (result time s, sequences, new tokens, K/V tokens attended)
+    log = [(0.010, 2, 300, 300),     # prefill of two prompts: 10 ms
+           (0.012, 2, 2, 302),       # decode, batch 2: 2 ms
+           (0.015, 2, 2, 304),       # decode, batch 2: 3 ms
+           (0.020, 40, 40, 40_000)]  # decode, batch 40: 5 ms
+    groups = {g["group"]: g for g in bench.step_breakdown({"step_log": log}, cfg, 1, 2, bw)}
+    assert list(groups) == ["with prefill", "decode 1-8", "decode 33-64"]
+    assert groups["with prefill"]["steps"] == 1 and groups["with prefill"]["seconds"] == pytest.approx(0.010)
+    assert groups["with prefill"]["floor_s"] == pytest.approx((w + 600 * kv) / bw)
+    small = groups["decode 1-8"]
+    assert small["steps"] == 2 and small["seconds"] == pytest.approx(0.005)
+    assert small["floor_s"] == pytest.approx((2 * w + (304 + 306) * kv) / bw)
+    assert small["ms_per_step"] == pytest.approx(2.5)
+    assert groups["decode 33-64"]["floor_ms_per_step"] == pytest.approx(1e3 * (w + 40_040 * kv) / bw)
+
+
 def test_untied_embedding_is_not_read_per_step():
     # untied: the input table is only gathered (a few rows a step); the LM head is read in full
     untied = dict(TINY, tie_word_embeddings=False)

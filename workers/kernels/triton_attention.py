@@ -198,7 +198,9 @@ def _split_len(ctx, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
     return tl.maximum(tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N, BLOCK_N)
 
 
-@triton.jit
+# The block-table row stride is the width of this step's table, which varies step to step: left
+# unspecialized, or Triton would compile a new variant whenever it becomes (or stops being) a multiple of 16.
+@triton.jit(do_not_specialize=["stride_bt_b"])
 def _decode_split_kernel(
     Q, KCache, VCache, BlockTables, ContextLens, Out, OWs, LseWs,
     stride_qb, stride_qh, stride_qd,
@@ -400,7 +402,7 @@ def _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_s
 # --------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt_b"])  # see _decode_split_kernel
 def _prefill_kernel(
     Q, KCache, VCache, BlockTables, CuSeqlensQ, ContextLens, Out,
     stride_qt, stride_qh, stride_qd,
