@@ -73,7 +73,7 @@ class EngineConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend={self.attention_backend!r}: choose one of {ATTENTION_BACKENDS}")
         if self.attention_backend == "flash_attn":
-            raise ValueError("attention_backend='flash_attn' is not implemented yet: use 'auto', 'triton' or 'torch'")
+            self._check_flash_attn()
         if self.device == "cpu" and self.attention_backend == "triton":
             raise ValueError("attention_backend='triton' needs a CUDA device: on CPU use 'auto' or 'torch'")
         if self.load_format not in ("auto", "dummy"):
@@ -94,6 +94,18 @@ class EngineConfig:
             raise ValueError(f"kvcache_block_size={self.kvcache_block_size}: must be a power of two")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
             raise ValueError(f"max_model_len={self.max_model_len!r}: must be a positive int")
+
+    def _check_flash_attn(self) -> None:
+        """attention_backend='flash_attn': CUDA, an importable FlashAttention (3 or 2), fp16/bf16, and for FA2 a
+        block size that is a multiple of 256. Checked here so the error comes before any worker starts."""
+        from workers import flash_attention
+
+        if self.device == "cpu":
+            raise ValueError("attention_backend='flash_attn' needs a CUDA device: on CPU use 'auto' or 'torch'")
+        problem = flash_attention.flash_attn_problem(self.dtype, self.kvcache_block_size,
+                                                     flash_attention.flash_attn_version())
+        if problem:
+            raise ValueError(problem)
 
     def _resolve_dtype(self) -> str:
         if self.dtype != "auto":

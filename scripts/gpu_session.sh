@@ -1,22 +1,44 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: GPU tests, then the benchmarks. Usage (from the repo root, on the device):
-#   bash scripts/gpu_session.sh [tests|bench|bench-tp2|profile|latency|all]...
+#   bash scripts/gpu_session.sh [tests|bench|bench-fa3|bench-tp2|profile|cprofile|sweep|decode-step|fa3|latency|all]
+# BENCH_ARGS (e.g. "--attention-backend triton") go to bench.py and bench_latency.py; SWEEP_ARGS to kernel_sweep.py....
 # Writes logs and JSON under $OUT (or ./gpu_out). `profile` runs bench.py with the worker's torch-profiler
 # window (steps 300-330, NANOVLLM_PROFILE_DIR) and prints the device busy/idle share of that window.
+# `fa3` (not in `all`) runs the flash-attn tests and scripts/attention_yardstick.py (Triton vs FlashAttention-3).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 if ! python3 -c "import zmq" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --upgrade --target .site .whl/*.whl && export PYTHONPATH=$PWD/.site:${PYTHONPATH:-}
 fi
+# FlashAttention-3: the tokenspeed-fa3 wheel's files unpacked in .fa3/ (git-ignored; no package index here),
+# its 300 MB extension xz-compressed. Unpacked once into .fa3_site/, which goes on PYTHONPATH
+# (flash_attn_interface imports flash_attn_3._C and reads flash_attn_config). With it, "auto" picks flash_attn.
+if [ -f .fa3/flash_attn_3/_C.abi3.so.xz ]; then
+  if [ ! -f .fa3_site/flash_attn_3/_C.abi3.so ]; then
+    mkdir -p .fa3_site/flash_attn_3 && cp .fa3/flash_attn_interface.py .fa3/flash_attn_config.py .fa3_site/
+    if command -v xz >/dev/null; then xz -dc .fa3/flash_attn_3/_C.abi3.so.xz
+    else python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)" \
+      .fa3/flash_attn_3/_C.abi3.so.xz; fi > .fa3_site/flash_attn_3/_C.abi3.so.part &&
+      mv .fa3_site/flash_attn_3/_C.abi3.so.part .fa3_site/flash_attn_3/_C.abi3.so
+  fi
+  export PYTHONPATH=$PWD/.fa3_site:${PYTHONPATH:-}
+fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 for what in "${@:-all}"; do
   case $what in
     tests|all) python3 -m pytest -q -x tests/test_gpu.py tests/test_sampler.py tests/test_fused_kernels.py tests/test_triton_kernels.py 2>&1 | tee "$OUT/tests.log" | tail -3 ;;&
-    bench|all) NANOVLLM_STEP_TIMING=1 python3 bench.py --runs 2 --json "$OUT/bench.json" 2>&1 | grep -v "^W1122" | tee "$OUT/bench.log" ;;&
+    bench|all) NANOVLLM_STEP_TIMING=1 python3 bench.py --runs 2 ${BENCH_ARGS:-} --json "$OUT/bench.json" 2>&1 | grep -v "^W1122" | tee "$OUT/bench.log" ;;&
+    bench-fa3) NANOVLLM_STEP_TIMING=1 python3 bench.py --runs 2 --attention-backend flash_attn --json "$OUT/bench_fa3.json" 2>&1 | grep -v "^W1122" | tee "$OUT/bench_fa3.log" ;;&
     bench-tp2|all) NANOVLLM_STEP_TIMING=1 python3 bench.py --tp 2 --json "$OUT/bench_tp2.json" 2>&1 | grep -v "^W1122" | tee "$OUT/bench_tp2.log" ;;&
     profile|all) mkdir -p "$OUT/prof" && NANOVLLM_PROFILE_DIR="$OUT/prof" python3 bench.py 2>&1 | grep -E "tok/s|roofline:" && head -1 "$OUT/prof/worker0.torch.txt" ;;&
-    latency|all) python3 bench_latency.py --json "$OUT/latency.json" 2>&1 | tee "$OUT/latency.log" ;;
+    cprofile) mkdir -p "$OUT/cprof" && NANOVLLM_CPROFILE_DIR="$OUT/cprof" python3 bench.py 2>&1 | grep -E "tok/s|roofline:" && head -60 "$OUT/cprof/worker0.cprofile.txt" ;;&
+    sweep) python3 scripts/kernel_sweep.py ${SWEEP_ARGS:-} --json "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" ;;&
+    decode-step) python3 bench_latency.py --batch-sizes 256 --input-len 1024 --output-len 33 --json "$OUT/decode_step.json" 2>&1 | tee "$OUT/decode_step.log" ;;&
+    fa3) python3 -c "from workers.flash_attention import flash_attn_version as v; print('flash-attn version:', v())"
+      python3 -m pytest -q -rs tests/test_gpu.py -k flash 2>&1 | tee "$OUT/fa3_tests.log" | tail -5
+      python3 scripts/attention_yardstick.py --json "$OUT/attention_yardstick.json" 2>&1 | tee "$OUT/attention_yardstick.log" ;;&
+    latency|all) python3 bench_latency.py ${BENCH_ARGS:-} --json "$OUT/latency.json" 2>&1 | tee "$OUT/latency.log" ;;
   esac
 done

@@ -59,8 +59,6 @@ def test_bad_engine_arguments(tiny_models, tmp_path):
         LLM(tiny_models["qwen3"], dtype="float8")
     with pytest.raises(ValueError, match="attention_backend='triton' needs a CUDA device"):
         LLM(tiny_models["qwen3"], device="cpu", attention_backend="triton")
-    with pytest.raises(ValueError, match="attention_backend='flash_attn' is not implemented yet"):
-        LLM(tiny_models["qwen3"], attention_backend="flash_attn")
     with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
         LLM(tiny_models["qwen3"], max_model_len=100000)
     bad = tmp_path / "bert"
@@ -68,6 +66,51 @@ def test_bad_engine_arguments(tiny_models, tmp_path):
     (bad / "config.json").write_text('{"architectures": ["BertModel"], "vocab_size": 10}')
     with pytest.raises(Exception, match="unsupported model architecture.*LlamaForCausalLM, Qwen2ForCausalLM"):
         LLM(str(bad), skip_tokenizer_init=True)
+
+
+def test_flash_attn_backend_errors(tiny_models, monkeypatch):
+    """attention_backend='flash_attn' is checked in the engine process, before any worker starts."""
+    import torch
+
+    from workers import flash_attention
+
+    model = tiny_models["qwen3"]
+    with pytest.raises(ValueError, match="attention_backend='flash_attn' needs a CUDA device"):
+        LLM(model, device="cpu", attention_backend="flash_attn")
+    # the remaining checks need device="cuda" to get past the device checks on this CPU machine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    not_installed = r"needs FlashAttention, which is not installed: pip install flash-attn .*tokenspeed-fa3"
+    if flash_attention.flash_attn_version() is None:  # the real import failure (CI has neither module)
+        with pytest.raises(ValueError, match=not_installed):
+            LLM(model, device="cuda", attention_backend="flash_attn")
+    monkeypatch.setattr(flash_attention, "flash_attn_version", lambda: None)
+    with pytest.raises(ValueError, match=not_installed):
+        LLM(model, device="cuda", attention_backend="flash_attn")
+    for version in (3, 2):
+        monkeypatch.setattr(flash_attention, "flash_attn_version", lambda v=version: v)
+        with pytest.raises(ValueError, match=r"supports float16 and bfloat16 only, not dtype='float32'"):
+            LLM(model, device="cuda", dtype="float32", attention_backend="flash_attn", kvcache_block_size=256)
+    monkeypatch.setattr(flash_attention, "flash_attn_version", lambda: 2)
+    with pytest.raises(ValueError, match="FlashAttention-2 needs kvcache_block_size to be a multiple of 256, got 16"):
+        LLM(model, device="cuda", dtype="bfloat16", attention_backend="flash_attn", kvcache_block_size=16)
+    # what passes the checks (FA2 with block 256, FA3 with any block size), without starting an engine
+    assert flash_attention.flash_attn_problem("bfloat16", 256, 2) is None
+    assert flash_attention.flash_attn_problem("float16", 16, 3) is None
+    assert "multiple of 256" in flash_attention.flash_attn_problem("bfloat16", 128, 2)
+
+
+def test_auto_backend_falls_back_to_triton_when_flash_attn_does_not_fit(monkeypatch):
+    """The worker's choice for "auto" on CUDA (no GPU needed to make it): flash-attn only when it fits."""
+    from workers import flash_attention
+    from workers.model_runner import select_attention_backend
+
+    monkeypatch.setattr(flash_attention, "flash_attn_supports_gpu", lambda version: True)
+    for version, dtype, block_size in ((None, "bfloat16", 16), (2, "bfloat16", 16), (3, "float32", 16)):
+        monkeypatch.setattr(flash_attention, "flash_attn_version", lambda v=version: v)
+        assert select_attention_backend("auto", "cuda", dtype, block_size).name == "triton"
+    monkeypatch.setattr(flash_attention, "flash_attn_version", lambda: None)
+    with pytest.raises(ValueError, match="needs FlashAttention, which is not installed"):
+        select_attention_backend("flash_attn", "cuda", "bfloat16", 16)
 
 
 def test_missing_weight_is_named(tiny_models, tmp_path):

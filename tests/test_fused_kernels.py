@@ -66,8 +66,52 @@ def test_qk_norm_rope_in_place_on_strided_views(dtype, norm):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_qk_norm_rope_writes_the_kv_cache(dtype):
+    """With caches given, the rotated k and the untouched v land in exactly the slots of slot_mapping
+    (-1: nothing written), and q/k are rotated in place exactly as without caches."""
+    torch.manual_seed(3)
+    T, hq, hk, d, blocks, block_size = 4, 4, 2, 32, 3, 4
+    qkv = torch.randn(T, (hq + 2 * hk) * d, dtype=dtype, device=DEVICE)
+    split = lambda t: (t[:, :hq * d].view(T, hq, d), t[:, hq * d:(hq + hk) * d].view(T, hk, d),  # noqa: E731
+                       t[:, (hq + hk) * d:].view(T, hk, d))
+    ref = qkv.clone()
+    positions = torch.tensor([0, 3, 7, 9], device=DEVICE)
+    angles = torch.outer(torch.arange(16, dtype=torch.float64), 1.0 / 10000 ** (torch.arange(0, d, 2) / d))
+    cos_sin = torch.cat([angles.cos(), angles.sin()], -1).float().to(DEVICE)
+    w = torch.rand(d, dtype=dtype, device=DEVICE) + 0.5
+    k_cache = torch.full((blocks, block_size, hk, d), float("nan"), dtype=dtype, device=DEVICE)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    slots = torch.tensor([5, -1, 0, 11], device=DEVICE)
+    q, k, v = split(qkv)
+    fused.qk_norm_rope(q, k, positions, cos_sin, w, w, 1e-6, v=v, k_cache=k_cache, v_cache=v_cache,
+                       slot_mapping=slots)
+    rq, rk, _ = split(ref)
+    fused.qk_norm_rope(rq, rk, positions, cos_sin, w, w, 1e-6)  # checked against float64 above
+    assert torch.equal(qkv, ref)
+    flat_k, flat_v = k_cache.view(-1, hk, d), v_cache.view(-1, hk, d)
+    for t, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            assert torch.equal(flat_k[slot], k[t]) and torch.equal(flat_v[slot], v[t])
+    untouched = [s for s in range(blocks * block_size) if s not in slots.tolist()]
+    assert torch.isnan(flat_k[untouched]).all() and torch.isnan(flat_v[untouched]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_and_mul(dtype):
     torch.manual_seed(2)
     x = torch.randn(6, 2 * 1500, dtype=dtype, device=DEVICE)
     g, u = x.double().chunk(2, -1)
     assert close(fused.silu_and_mul(x), (g * torch.sigmoid(g) * u).to(dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n,k,bias", [(1, 40, 512, False), (5, 16, 300, True), (16, 33, 256, True)])
+def test_skinny_linear(dtype, rows, n, k, bias):
+    """x @ w.T (+ b) for a few rows against float64; N not a multiple of the column strip, K of the tile."""
+    from workers.kernels.skinny_gemm import skinny_linear
+    torch.manual_seed(rows)
+    x = torch.randn(rows, k, dtype=dtype, device=DEVICE)
+    w = torch.randn(n, k, dtype=dtype, device=DEVICE) / k ** 0.5
+    b = torch.randn(n, dtype=dtype, device=DEVICE) if bias else None
+    expected = x.double() @ w.double().T + (b.double() if bias else 0)
+    assert close(skinny_linear(x, w, b), expected, dtype)

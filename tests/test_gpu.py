@@ -1,5 +1,7 @@
-"""On a CUDA machine: the Triton backend and CUDA graphs against transformers and against eager mode."""
+"""On a CUDA machine: the Triton backend and CUDA graphs against transformers and against eager mode; the
+flash_attn backend against the torch reference and against the Triton backend."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,3 +65,139 @@ def test_bf16_graph_logits_match_eager(tiny_models):
         eager = runner.model(ids, runner._to_device(inp["positions"], torch.int64), meta)
         lg, le = runner.model.compute_logits(graphed).float(), runner.model.compute_logits(eager).float()
     assert torch.allclose(lg, le, atol=2e-2, rtol=2e-2), (lg - le).abs().max()
+
+
+# ---- attention_backend="flash_attn" (FlashAttention-3 or -2) ------------------------------------------------
+
+def _flash_version():
+    """The installed flash-attn's version (3 or 2) when it runs on this GPU, else None."""
+    from workers.flash_attention import flash_attn_supports_gpu, flash_attn_version
+    version = flash_attn_version() if torch.cuda.is_available() else None
+    return version if version and flash_attn_supports_gpu(version) else None
+
+
+needs_flash_attn = pytest.mark.skipif(
+    _flash_version() is None,
+    reason="needs flash-attn for this GPU: FlashAttention-3 (flash_attn_interface, e.g. tokenspeed-fa3; "
+           "scripts/gpu_session.sh unpacks .fa3/) or FlashAttention-2 (pip install flash-attn)")
+
+
+def _flash_block_size():
+    return 16 if _flash_version() == 3 else 256  # FA2's paged kernels need multiples of 256
+
+
+def _paged_case(q_lens, ctx_lens, num_q_heads, num_kv_heads, head_dim, block_size, seed=0):
+    """Random bf16 inputs for one step: sequence b has q_lens[b] new tokens ending at ctx_lens[b]; the cache
+    holds random K/V everywhere (earlier tokens and stale slots alike), its blocks handed out shuffled."""
+    from workers.layers import AttentionMetadata
+
+    torch.manual_seed(seed)
+    dev, dt = "cuda", torch.bfloat16
+    num_blocks = [-(-c // block_size) for c in ctx_lens]
+    free = torch.randperm(sum(num_blocks) + 4).tolist()
+    tables = torch.zeros(len(ctx_lens), max(num_blocks) + 2, dtype=torch.int32)  # wider than needed, like the engine's
+    slots = []
+    for b, (n, c) in enumerate(zip(q_lens, ctx_lens)):
+        ids, free = free[:num_blocks[b]], free[num_blocks[b]:]
+        tables[b, :len(ids)] = torch.tensor(ids, dtype=torch.int32)
+        slots += [ids[p // block_size] * block_size + p % block_size for p in range(c - n, c)]
+    k_cache = torch.randn(len(free) + sum(num_blocks), block_size, num_kv_heads, head_dim, device=dev, dtype=dt)
+    v_cache = torch.randn_like(k_cache)
+    total = sum(q_lens)
+    q = torch.randn(total, num_q_heads, head_dim, device=dev, dtype=dt)
+    k = torch.randn(total, num_kv_heads, head_dim, device=dev, dtype=dt)
+    v = torch.randn(total, num_kv_heads, head_dim, device=dev, dtype=dt)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+        context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=dev),
+        cu_seqlens_q=torch.tensor([0] + list(np.cumsum(q_lens)), dtype=torch.int32, device=dev),
+        block_tables=tables.to(dev), max_seqlen_q=max(q_lens), is_decode=max(q_lens) == 1,
+        prefix_free=list(q_lens) == list(ctx_lens), q_lens_host=list(q_lens), context_lens_host=list(ctx_lens))
+    return q, k, v, k_cache, v_cache, meta
+
+
+def _rel_err(out, ref):
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+FLASH_CASES = {  # (q_lens, context_lens): no context length is a multiple of 16
+    "decode": ([1] * 6, [1, 15, 17, 100, 333, 1001]),
+    "prefill": ([7, 33, 129, 300], [7, 33, 129, 300]),
+    "prefill_cached_prefix": ([5, 40, 1, 77], [37, 141, 65, 77 + 301]),  # a 1-token row too: a mixed step
+}
+
+
+@needs_flash_attn
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 2, 8])
+@pytest.mark.parametrize("case", list(FLASH_CASES))
+def test_flash_attn_kernel_matches_torch_reference(case, group, head_dim):
+    from workers.flash_attention import FlashAttnBackend
+    from workers.layers import torch_paged_attention
+
+    q_lens, ctx_lens = FLASH_CASES[case]
+    block_size = _flash_block_size()
+    q, k, v, k_cache, v_cache, meta = _paged_case(q_lens, ctx_lens, 2 * group, 2, head_dim, block_size)
+    backend = FlashAttnBackend("bfloat16", block_size)
+    backend.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+    out = backend.attention(q, k, v, k_cache, v_cache, meta, head_dim ** -0.5)
+    ref = torch_paged_attention(q, k_cache, v_cache, meta, head_dim ** -0.5)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert _rel_err(out, ref) < 1e-2
+
+
+@needs_flash_attn
+def test_flash_attn_decode_replays_in_a_cuda_graph():
+    """Capture one decode call, then change the context lengths and block tables in place and replay."""
+    from workers.flash_attention import FlashAttnBackend
+    from workers.layers import torch_paged_attention
+
+    block_size = _flash_block_size()
+    backend = FlashAttnBackend("bfloat16", block_size)
+    q, k, v, k_cache, v_cache, meta = _paged_case([1] * 8, [3, 40, 999, 16, 17, 250, 1, 600], 16, 8, 128, block_size)
+    scale = 128 ** -0.5
+    with torch.inference_mode():
+        backend.attention(q, k, v, k_cache, v_cache, meta, scale)  # warm-up outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = backend.attention(q, k, v, k_cache, v_cache, meta, scale)
+        new_lens = [700, 5, 33, 1000, 2, 64, 129, 1]  # within the table's width (65 blocks of 16, 6 of 256)
+        new_tables = torch.randint(0, k_cache.shape[0], tuple(meta.block_tables.shape), dtype=torch.int32)
+        meta.context_lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        meta.block_tables.copy_(new_tables)
+        graph.replay()
+        torch.cuda.synchronize()
+    meta.context_lens_host = new_lens  # what the reference reads
+    ref = torch_paged_attention(q, k_cache, v_cache, meta, scale)
+    assert _rel_err(out, ref) < 1e-2
+
+
+def _assert_greedy_agrees(a, b, tol=0.1):
+    """Two bf16 greedy runs with different attention kernels: the same tokens with close logprobs, up to the
+    first position where they pick different tokens, which must be a near-tie in both runs (random-weight
+    models have them; bf16 rounding differs between kernels). Later tokens have different contexts."""
+    for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)):
+        la, lb = a.logprobs[i], b.logprobs[i]
+        if x != y:
+            assert y in la and x in lb, f"position {i}: {x} vs {y}, not among each other's top tokens"
+            assert abs(la[x] - la[y]) < tol and abs(lb[x] - lb[y]) < tol, f"position {i}: {la} vs {lb}"
+            return False
+        assert abs(la[x] - lb[x]) < tol, f"position {i}: token {x} logprob {la[x]} vs {lb[x]}"
+    return True
+
+
+@needs_flash_attn
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "graphs"])
+def test_flash_attn_engine_matches_triton(tiny_models, eager):
+    """bf16 greedy runs with attention_backend="flash_attn" and "triton" agree: chunked prefill and mixed steps
+    (max_num_batched_tokens=64), decode (graphed or not), and a second pass over cached prefixes."""
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=5)
+    runs = {}
+    for backend in ("flash_attn", "triton"):
+        with LLM(tiny_models["qwen3"], dtype="bfloat16", attention_backend=backend, enforce_eager=eager,
+                 kvcache_block_size=_flash_block_size(), max_model_len=256, max_num_batched_tokens=64) as llm:
+            runs[backend] = llm.generate(PROMPTS, params, use_tqdm=False) + llm.generate(PROMPTS, params,
+                                                                                         use_tqdm=False)
+    agreed = [_assert_greedy_agrees(a, b) for a, b in zip(runs["flash_attn"], runs["triton"])]
+    assert sum(agreed) >= 0.75 * len(agreed), f"only {sum(agreed)} of {len(agreed)} outputs agree in full"

@@ -83,3 +83,25 @@ def test_triton_kernel_matches_torch():
     expected = gumbel_argmax_reference(logits, temps, seeds, positions)
     got = gumbel_argmax(logits.to(device), temps.to(device), seeds.to(device), positions.to(device))
     assert torch.equal(got.cpu(), expected)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 16])
+def test_triton_kernel_vocab_chunks_and_ties(batch):
+    """Rows split over several vocabulary chunks (small batch) or one (batch 16 on the CPU interpreter's
+    4 'SMs'): the same draw as torch, and on ties the lowest token id wins, as torch.argmax."""
+    pytest.importorskip("triton")
+    from workers.kernels.sampling import gumbel_argmax
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(batch)
+    V = 1000
+    logits = torch.randn(batch, V)
+    logits[0, 300] = logits[0, 700] = 50.0  # a tie across chunks: greedy must pick 300
+    temps = torch.full((batch,), 0.7)
+    temps[0] = 0.0
+    seeds = torch.arange(batch, dtype=torch.int64) * 7919
+    positions = torch.arange(batch, dtype=torch.int64)
+    expected = gumbel_argmax_reference(logits, temps, seeds, positions)
+    assert expected[0] == 300
+    got = gumbel_argmax(logits.to(device), temps.to(device), seeds.to(device), positions.to(device))
+    assert torch.equal(got.cpu(), expected)

@@ -147,11 +147,14 @@ class Attention(nn.Module):
         # bound by the model runner once the cache is allocated: [num_blocks, block_size, kv_heads, head_dim]
         self.k_cache = self.v_cache = None
 
-    def forward(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, q, k, v, meta: AttentionMetadata, kv_stored: bool = False) -> torch.Tensor:
+        """``kv_stored``: the caller has already written this step's K/V into the cache (the fused
+        norm/rotary kernel does on CUDA)."""
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        self.backend.store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        if not kv_stored:
+            self.backend.store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         out = self.backend.attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         return out.reshape(-1, self.num_heads * self.head_dim)
 

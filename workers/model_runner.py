@@ -53,13 +53,19 @@ class StepHandle:
     logprobs: Optional[tuple] = None  # (req ids, sampled logprobs, top ids, top logprobs), device tensors
 
 
-def select_attention_backend(name: str, device: str):
+def select_attention_backend(name: str, device: str, dtype: str = "float32", block_size: int = 16):
+    """The attention backend for ``name``. "auto": the torch reference on CPU; on CUDA flash-attn when it is
+    installed and fits the dtype (fp16/bf16), the block size (FA2: multiples of 256) and the GPU, else our
+    Triton kernels (as vLLM does)."""
     if device == "cpu":
         if name not in ("auto", "torch"):
             raise ValueError(f"attention_backend={name!r} needs a CUDA device; on CPU use 'torch'")
         return TorchAttentionBackend()
     if name == "torch":
         return TorchAttentionBackend()
+    from workers import flash_attention
+    if name == "flash_attn" or (name == "auto" and flash_attention.auto_picks_flash_attn(dtype, block_size)):
+        return flash_attention.FlashAttnBackend(dtype, block_size)  # a clear ValueError when it cannot run
     if name in ("auto", "triton"):
         from workers.layers import TritonAttentionBackend
         return TritonAttentionBackend()
@@ -67,9 +73,13 @@ def select_attention_backend(name: str, device: str):
 
 
 def graph_batch_sizes(max_num_seqs: int) -> List[int]:
-    """The decode batch sizes captured as CUDA graphs; a batch runs in the smallest one that fits it."""
+    """The decode batch sizes captured as CUDA graphs; a batch runs in the smallest one that fits it.
+
+    None below 8: a decode step reads the same weights and costs the same at 1 to 8 rows, except that
+    cuBLAS picks slower kernels for a single row (H200, scripts/kernel_sweep.py: the attention output
+    projection takes 12.7 us at 1 row, 5.9 us at 8), so batches of 1-7 run padded to 8."""
     top = min(max_num_seqs, 512)
-    sizes = [s for s in (1, 2, 4, 8) if s <= top] + list(range(16, top + 1, 16))
+    sizes = [min(8, top)] + list(range(16, top + 1, 16))
     if sizes[-1] != top:
         sizes.append(top)
     return sizes
@@ -82,7 +92,8 @@ class ModelRunner:
         with open(os.path.join(config.model, "config.json")) as f:
             self.spec = ModelSpec.from_hf_config(json.load(f))
         self.block_size = config.block_size
-        self.backend = select_attention_backend(config.attention_backend, config.device)
+        self.backend = select_attention_backend(config.attention_backend, config.device, config.dtype,
+                                                config.block_size)
         self.use_graphs = device.type == "cuda" and not config.enforce_eager
         torch.manual_seed(config.seed)
         with torch.device(device):
@@ -219,6 +230,7 @@ class ModelRunner:
         """Compile every Triton kernel variant a run can hit now, so none compiles inside a timed region."""
         for q in (16, 32, 64, 128, 256):  # the prefill kernel's tile sizes
             self._dummy_forward([q, 1], sample_rows=2)
+        self._dummy_forward([1], sample_rows=1)  # a few rows: the skinny GEMM (parallel.layers.linear)
         # The LM head runs outside the decode graphs with one row per sampling sequence: let cuBLAS pick
         # (and the driver load) its kernel for every row count now rather than on first use mid-run.
         hidden = torch.zeros(self.config.max_num_seqs, self.spec.hidden_size, dtype=self.dtype, device=self.device)

@@ -103,15 +103,19 @@ class DecoderAttention(nn.Module):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
-        if q.is_cuda:  # q/k RMSNorm and rotary in one kernel, in place on the qkv output
+        if q.is_cuda and self.attn.k_cache is not None:
+            # q/k RMSNorm and rotary in one kernel, in place on the qkv output, which also writes this
+            # step's K/V into the paged cache
             from workers.kernels.fused import qk_norm_rope
+            v = v.view(-1, self.num_kv_heads, self.head_dim)
             qk_norm_rope(q, k, positions, self.rotary_emb.cos_sin,
                          self.q_norm.weight if self.qk_norm else None, self.k_norm.weight if self.qk_norm else None,
-                         self.q_norm.eps if self.qk_norm else 0.0)
-        else:
-            if self.qk_norm:
-                q, k = self.q_norm(q), self.k_norm(k)
-            q, k = self.rotary_emb(positions, q, k)
+                         self.q_norm.eps if self.qk_norm else 0.0,
+                         v=v, k_cache=self.attn.k_cache, v_cache=self.attn.v_cache, slot_mapping=meta.slot_mapping)
+            return self.o_proj(self.attn(q, k, v, meta, kv_stored=True))
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
         return self.o_proj(self.attn(q, k, v, meta))
 
 

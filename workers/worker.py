@@ -100,11 +100,14 @@ def _serve_steps(channel: WorkerChannel, runner, rank: int, parent_pid: int) -> 
                 channel.send(result)
 
     profile_dir = os.environ.get("NANOVLLM_PROFILE_DIR")  # profiling aid: torch profiler over steps 300-330
-    torch_profiler, step = None, 0
+    cprofile_dir = os.environ.get("NANOVLLM_CPROFILE_DIR")  # profiling aid: Python profile of steps 100-1000
+    torch_profiler, python_profiler, step = None, None, 0
     while True:
         step += 1
         if profile_dir and step in (300, 330):  # a window of steady-state steps, device and host side
             torch_profiler = _torch_profile_window(torch_profiler, profile_dir, rank)
+        if cprofile_dir and step in (100, 1000):
+            python_profiler = _python_profile_window(python_profiler, cprofile_dir, rank)
         t0 = time.perf_counter()
         while unfinished and not channel.poll(0):
             if runner.is_done(unfinished[0]):
@@ -122,6 +125,8 @@ def _serve_steps(channel: WorkerChannel, runner, rank: int, parent_pid: int) -> 
         if timing is not None:
             timing.add(t1 - t0, t2 - t1, time.perf_counter() - t2)
     flush_previous()
+    if python_profiler is not None:  # the run ended inside the window
+        _python_profile_window(python_profiler, cprofile_dir, rank)
     if timing is not None:
         timing.report(rank)
 
@@ -142,6 +147,20 @@ def _torch_profile_window(profiler, profile_dir: str, rank: int):
         f.write(table.table(sort_by="cuda_time_total", row_limit=30))
         f.write("\n")
         f.write(table.table(sort_by="self_cpu_time_total", row_limit=30))
+    return None
+
+
+def _python_profile_window(profiler, profile_dir: str, rank: int):
+    import cProfile
+    import pstats
+
+    if profiler is None:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        return profiler
+    profiler.disable()
+    with open(os.path.join(profile_dir, f"worker{rank}.cprofile.txt"), "w") as f:
+        pstats.Stats(profiler, stream=f).sort_stats("tottime").print_stats(45)
     return None
 
 

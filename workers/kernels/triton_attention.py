@@ -37,7 +37,10 @@ _LOG2E = 1.4426950408889634
 # Decode split heuristic (see choose_num_splits).
 _MAX_SPLITS = 64
 _MIN_TOKENS_PER_SPLIT = 128
-_PROGRAMS_PER_SM = 4
+# 12 programs per SM: on an H200 with bench.py's mixed context lengths (scripts/kernel_sweep.py) fewer
+# programs leave SMs idle behind the longest sequences (at batch 96, S = 1 ran at 79 % of the copy
+# bandwidth, S = 4 at 90 %), while many more pay for the extra partial results (S = 32: 52-70 %).
+_PROGRAMS_PER_SM = 12
 
 
 # --------------------------------------------------------------------------------------------------
