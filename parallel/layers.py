@@ -19,18 +19,6 @@ from torch import nn
 from parallel.distributed import ParallelContext
 
 
-SKINNY_MAX_ROWS = 16
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """F.linear, except for decode at small batch on CUDA in fp16/bf16 (at most 16 rows), where a Triton
-    kernel that spreads the weight over the whole GPU beats cuBLAS (workers/kernels/skinny_gemm.py)."""
-    if x.is_cuda and x.dtype != torch.float32 and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_ROWS:
-        from workers.kernels.skinny_gemm import skinny_linear
-        return skinny_linear(x, weight, bias)
-    return F.linear(x, weight, bias)
-
-
 def _divide(numerator: int, denominator: int, what: str) -> int:
     if numerator % denominator:
         raise ValueError(f"{what} ({numerator}) is not divisible by tensor_parallel_size ({denominator})")
@@ -59,7 +47,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.copy_(loaded.narrow(0, self.ctx.rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -153,7 +141,7 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.ctx.all_reduce(linear(x, self.weight))
+        y = self.ctx.all_reduce(F.linear(x, self.weight))
         return y + self.bias if self.bias is not None else y
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: GPU tests, then the benchmarks. Usage (from the repo root, on the device):
-#   bash scripts/gpu_session.sh [tests|bench|bench-fa3|bench-tp2|profile|cprofile|sweep|decode-step|fa3|latency|all]
+#   bash scripts/gpu_session.sh [tests|bench|bench-fa3|bench-tp2|profile|cprofile|cprofile-latency|sweep|decode-step|fa3|latency|all]
 # BENCH_ARGS (e.g. "--attention-backend triton") go to bench.py and bench_latency.py; SWEEP_ARGS to kernel_sweep.py....
 # Writes logs and JSON under $OUT (or ./gpu_out). `profile` runs bench.py with the worker's torch-profiler
 # window (steps 300-330, NANOVLLM_PROFILE_DIR) and prints the device busy/idle share of that window.
@@ -32,8 +32,9 @@ for what in "${@:-all}"; do
     bench|all) NANOVLLM_STEP_TIMING=1 python3 bench.py --runs 2 ${BENCH_ARGS:-} --json "$OUT/bench.json" 2>&1 | grep -v "^W1122" | tee "$OUT/bench.log" ;;&
     bench-fa3) NANOVLLM_STEP_TIMING=1 python3 bench.py --runs 2 --attention-backend flash_attn --json "$OUT/bench_fa3.json" 2>&1 | grep -v "^W1122" | tee "$OUT/bench_fa3.log" ;;&
     bench-tp2|all) NANOVLLM_STEP_TIMING=1 python3 bench.py --tp 2 --json "$OUT/bench_tp2.json" 2>&1 | grep -v "^W1122" | tee "$OUT/bench_tp2.log" ;;&
-    profile|all) mkdir -p "$OUT/prof" && NANOVLLM_PROFILE_DIR="$OUT/prof" python3 bench.py 2>&1 | grep -E "tok/s|roofline:" && head -1 "$OUT/prof/worker0.torch.txt" ;;&
+    profile|all) mkdir -p "$OUT/prof" && NANOVLLM_PROFILE_DIR="$OUT/prof" python3 bench.py ${BENCH_ARGS:-} 2>&1 | grep -E "tok/s|roofline:" && head -1 "$OUT/prof/worker0.torch.txt" ;;&
     cprofile) mkdir -p "$OUT/cprof" && NANOVLLM_CPROFILE_DIR="$OUT/cprof" python3 bench.py 2>&1 | grep -E "tok/s|roofline:" && head -60 "$OUT/cprof/worker0.cprofile.txt" ;;&
+    cprofile-latency) mkdir -p "$OUT/cprof" && NANOVLLM_CPROFILE_DIR="$OUT/cprof" python3 bench_latency.py --batch-sizes 1 --repeats 5 ${BENCH_ARGS:-} 2>&1 | tail -2 && head -45 "$OUT/cprof/worker0.cprofile.txt" ;;&
     sweep) python3 scripts/kernel_sweep.py ${SWEEP_ARGS:-} --json "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" ;;&
     decode-step) python3 bench_latency.py --batch-sizes 256 --input-len 1024 --output-len 33 --json "$OUT/decode_step.json" 2>&1 | tee "$OUT/decode_step.log" ;;&
     fa3) python3 -c "from workers.flash_attention import flash_attn_version as v; print('flash-attn version:', v())"

@@ -113,22 +113,6 @@ def main() -> None:
             print(f"{m:>4} {name:>12} {t * 1e6:>8.1f} {100 * floor / t:>21.1f}%")
             results["gemm"].append({"m": m, "name": name, "seconds": t, "floor_s": floor})
 
-    from workers.kernels.skinny_gemm import skinny_linear
-    print(f"\n{'M':>4} {'gemm':>12} {'config (n, k, warps, stages)':>30} {'us':>8} {'cuBLAS us':>9}")
-    for m in (1, 8, 16):
-        for name, (k, n) in shapes.items():
-            if name == "lm_head":
-                continue
-            ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) for _ in range(LAYERS)]
-            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-            cublas = graph_time(lambda i: torch.nn.functional.linear(x, ws[i]))
-            for cfg in ((16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (16, 128, 2, 4), (32, 128, 4, 4),
-                        (64, 128, 4, 4)):
-                t = graph_time(lambda i: skinny_linear(x, ws[i], None, *cfg))
-                print(f"{m:>4} {name:>12} {str(cfg):>30} {t * 1e6:>8.1f} {cublas * 1e6:>9.1f}")
-                results["gemm"].append({"m": m, "name": name, "skinny": cfg, "seconds": t, "cublas_s": cublas,
-                                        "floor_s": n * k * 2 / bw})
-
     print(f"\n{'B':>4} {'sampler us':>10}")
     for batch in (1, 8, 64, 256):
         logits = torch.randn(batch, VOCAB, device=dev, dtype=torch.bfloat16)

@@ -103,15 +103,3 @@ def test_silu_and_mul(dtype):
     g, u = x.double().chunk(2, -1)
     assert close(fused.silu_and_mul(x), (g * torch.sigmoid(g) * u).to(dtype), dtype)
 
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,n,k,bias", [(1, 40, 512, False), (5, 16, 300, True), (16, 33, 256, True)])
-def test_skinny_linear(dtype, rows, n, k, bias):
-    """x @ w.T (+ b) for a few rows against float64; N not a multiple of the column strip, K of the tile."""
-    from workers.kernels.skinny_gemm import skinny_linear
-    torch.manual_seed(rows)
-    x = torch.randn(rows, k, dtype=dtype, device=DEVICE)
-    w = torch.randn(n, k, dtype=dtype, device=DEVICE) / k ** 0.5
-    b = torch.randn(n, dtype=dtype, device=DEVICE) if bias else None
-    expected = x.double() @ w.double().T + (b.double() if bias else 0)
-    assert close(skinny_linear(x, w, b), expected, dtype)

@@ -230,7 +230,6 @@ class ModelRunner:
         """Compile every Triton kernel variant a run can hit now, so none compiles inside a timed region."""
         for q in (16, 32, 64, 128, 256):  # the prefill kernel's tile sizes
             self._dummy_forward([q, 1], sample_rows=2)
-        self._dummy_forward([1], sample_rows=1)  # a few rows: the skinny GEMM (parallel.layers.linear)
         # The LM head runs outside the decode graphs with one row per sampling sequence: let cuBLAS pick
         # (and the driver load) its kernel for every row count now rather than on first use mid-run.
         hidden = torch.zeros(self.config.max_num_seqs, self.spec.hidden_size, dtype=self.dtype, device=self.device)

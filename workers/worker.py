@@ -8,6 +8,7 @@ is sent to the engine as a ``WorkerError`` naming this rank before the process e
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import signal
 import socket
@@ -85,6 +86,10 @@ def serve(channel: WorkerChannel, config: WorkerConfig, rank: int, local_rank: i
 def _serve_steps(channel: WorkerChannel, runner, rank: int, parent_pid: int) -> None:
     channel.send(Ready(rank=rank, num_kv_blocks=runner.max_num_kv_blocks()))
     runner.allocate_kv_cache(_expect(_recv(channel, parent_pid), AllocateKVCache).num_kv_blocks)
+    # Everything allocated so far (model, graphs, imports) lives until exit: freeze it out of the garbage
+    # collector, so the collections that per-step garbage triggers stay short (no pauses of many ms).
+    gc.collect()
+    gc.freeze()
     channel.send(KVCacheReady(rank=rank))
     # Steps overlap: step N+1 is launched on the device before the tokens of step N are waited for, so
     # the device does not idle while this process talks to the engine. Between steps the worker waits for
@@ -99,12 +104,14 @@ def _serve_steps(channel: WorkerChannel, runner, rank: int, parent_pid: int) -> 
             if result is not None:
                 channel.send(result)
 
-    profile_dir = os.environ.get("NANOVLLM_PROFILE_DIR")  # profiling aid: torch profiler over steps 300-330
+    # profiling aid: the torch profiler over steps 300-330, or NANOVLLM_PROFILE_STEPS="first,last"
+    profile_dir = os.environ.get("NANOVLLM_PROFILE_DIR")
+    profile_window = tuple(int(s) for s in os.environ.get("NANOVLLM_PROFILE_STEPS", "300,330").split(","))
     cprofile_dir = os.environ.get("NANOVLLM_CPROFILE_DIR")  # profiling aid: Python profile of steps 100-1000
     torch_profiler, python_profiler, step = None, None, 0
     while True:
         step += 1
-        if profile_dir and step in (300, 330):  # a window of steady-state steps, device and host side
+        if profile_dir and step in profile_window:  # a window of steps, device and host side
             torch_profiler = _torch_profile_window(torch_profiler, profile_dir, rank)
         if cprofile_dir and step in (100, 1000):
             python_profiler = _python_profile_window(python_profiler, cprofile_dir, rank)
