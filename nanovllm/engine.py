@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import itertools
 from collections import deque
 import json
@@ -53,8 +52,6 @@ class LLMEngine:
         self.vocab_size = config.hf_config["vocab_size"]
         self.eos_token_ids = _eos_token_ids(config.model_dir, config.hf_config, self.tokenizer)
         self.executor = Executor(config)
-        gc.collect()
-        gc.freeze()  # the long-lived startup objects: out of later collections (shorter pauses mid-run)
         self.block_manager = BlockManager(self.executor.num_kv_blocks, config.kvcache_block_size,
                                           enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,

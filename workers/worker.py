@@ -79,6 +79,7 @@ def serve(channel: WorkerChannel, config: WorkerConfig, rank: int, local_rank: i
     ctx = init_parallel(config.dist_init, rank, config.world_size, config.device)
     runner = ModelRunner(config, ctx, device)
     _serve_steps(channel, runner, rank, parent_pid)
+    gc.unfreeze()  # let interpreter shutdown free what startup froze (see _serve_steps)
     if ctx.world_size > 1:
         torch.distributed.destroy_process_group()
 
