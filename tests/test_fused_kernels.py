@@ -40,9 +40,10 @@ def test_rmsnorm_and_residual(dtype, cols):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("norm", [True, False])
-def test_qk_norm_rope_in_place_on_strided_views(dtype, norm):
+@pytest.mark.parametrize("hq,hk", [(4, 2), (9, 3)])
+def test_qk_norm_rope_in_place_on_strided_views(dtype, norm, hq, hk):
     torch.manual_seed(1)
-    T, hq, hk, d = 5, 4, 2, 64
+    T, d = 5, 64
     qkv = torch.randn(T, (hq + 2 * hk) * d, dtype=dtype, device=DEVICE)
     before = qkv.clone()
     q = qkv[:, :hq * d].view(T, hq, d)
@@ -66,11 +67,12 @@ def test_qk_norm_rope_in_place_on_strided_views(dtype, norm):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_qk_norm_rope_writes_the_kv_cache(dtype):
+@pytest.mark.parametrize("hq,hk", [(4, 2), (9, 3)])
+def test_qk_norm_rope_writes_the_kv_cache(dtype, hq, hk):
     """With caches given, the rotated k and the untouched v land in exactly the slots of slot_mapping
     (-1: nothing written), and q/k are rotated in place exactly as without caches."""
     torch.manual_seed(3)
-    T, hq, hk, d, blocks, block_size = 4, 4, 2, 32, 3, 4
+    T, d, blocks, block_size = 4, 32, 3, 4
     qkv = torch.randn(T, (hq + 2 * hk) * d, dtype=dtype, device=DEVICE)
     split = lambda t: (t[:, :hq * d].view(T, hq, d), t[:, hq * d:(hq + hk) * d].view(T, hk, d),  # noqa: E731
                        t[:, (hq + hk) * d:].view(T, hk, d))
