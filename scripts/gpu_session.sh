@@ -36,7 +36,7 @@ for what in "${@:-all}"; do
     cprofile) mkdir -p "$OUT/cprof" && NANOVLLM_CPROFILE_DIR="$OUT/cprof" python3 bench.py 2>&1 | grep -E "tok/s|roofline:" && head -60 "$OUT/cprof/worker0.cprofile.txt" ;;&
     cprofile-latency) mkdir -p "$OUT/cprof" && NANOVLLM_CPROFILE_DIR="$OUT/cprof" python3 bench_latency.py --batch-sizes 1 --repeats 5 ${BENCH_ARGS:-} 2>&1 | tail -2 && head -45 "$OUT/cprof/worker0.cprofile.txt" ;;&
     sweep) python3 scripts/kernel_sweep.py ${SWEEP_ARGS:-} --json "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" ;;&
-    decode-step) python3 bench_latency.py --batch-sizes 256 --input-len 1024 --output-len 33 --json "$OUT/decode_step.json" 2>&1 | tee "$OUT/decode_step.log" ;;&
+    decode-step) python3 scripts/decode_step.py --json "$OUT/decode_step.json" 2>&1 | grep -v "^W1122" | tee "$OUT/decode_step.log" ;;&
     fa3) python3 -c "from workers.flash_attention import flash_attn_version as v; print('flash-attn version:', v())"
       python3 -m pytest -q -rs tests/test_gpu.py -k flash 2>&1 | tee "$OUT/fa3_tests.log" | tail -5
       python3 scripts/attention_yardstick.py --json "$OUT/attention_yardstick.json" 2>&1 | tee "$OUT/attention_yardstick.log" ;;&
