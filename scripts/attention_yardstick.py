@@ -24,34 +24,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import measure_copy_bandwidth  # noqa: E402
+from kernel_sweep import graph_time  # noqa: E402  (same folder)
 from workers.flash_attention import FlashAttnBackend, flash_attn_problem, flash_attn_version  # noqa: E402
 from workers.kernels import triton_attention  # noqa: E402
 from workers.layers import AttentionMetadata  # noqa: E402
 
 HQ, HKV, D = 16, 8, 128  # Qwen3-0.6B
 CASES = [(256, 1024), (32, 1024), (1, 512)]  # (batch, context length)
-
-
-def graph_time(fn, calls: int, replays: int = 20) -> float:
-    """Seconds per call of fn(i), from a CUDA graph of fn(0) .. fn(calls - 1) replayed `replays` times (median)."""
-    for i in range(calls):  # compile / warm up outside the capture
-        fn(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / calls)
-    return sorted(times)[len(times) // 2]
 
 
 def run_case(batch: int, context: int, block_size: int, width: int, flash, bandwidth: float) -> dict:
