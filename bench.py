@@ -241,26 +241,31 @@ def shift_tokens(prompts, shift: int, max_token_id: int):
 
 # ---- main --------------------------------------------------------------------------------------------------
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The model, engine and output flags bench.py and bench_latency.py share (see engine_kwargs)."""
     p.add_argument("--model", help="HF directory, .gguf file or built-in name (default: Qwen3-0.6B shape, "
                                    "dummy weights)")
     p.add_argument("--load-format", choices=["auto", "dummy"], help="default: dummy without --model, else auto")
     p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--num-seqs", type=int)
-    p.add_argument("--min-input-len", type=int)
-    p.add_argument("--max-input-len", type=int)
-    p.add_argument("--min-output-len", type=int)
-    p.add_argument("--max-output-len", type=int)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "flash_attn", "torch"])
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--block-size", type=int, default=16, help="kvcache_block_size")
-    p.add_argument("--runs", type=int, default=1, help="timed runs (each is reported, then the median)")
     p.add_argument("--small", action="store_true", help="the small CPU configuration, even on a GPU")
     p.add_argument("--json", help="write every number to this file")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_engine_args(p)
+    p.add_argument("--num-seqs", type=int)
+    p.add_argument("--min-input-len", type=int)
+    p.add_argument("--max-input-len", type=int)
+    p.add_argument("--min-output-len", type=int)
+    p.add_argument("--max-output-len", type=int)
+    p.add_argument("--runs", type=int, default=1, help="timed runs (each is reported, then the median)")
     return p.parse_args(argv)
 
 

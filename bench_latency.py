@@ -21,8 +21,8 @@ import statistics
 import tempfile
 import time
 
-from bench import (MAX_TOKEN_ID, QWEN3_0_6B, TINY_QWEN3, WARMUP_PROMPT, cuda_available, probe_device,
-                   write_config_dir, write_json)
+from bench import (MAX_TOKEN_ID, QWEN3_0_6B, TINY_QWEN3, WARMUP_PROMPT, add_engine_args, cuda_available,
+                   engine_kwargs, probe_device, write_config_dir, write_json)
 from nanovllm import LLM, SamplingParams
 
 FULL_DEFAULTS = dict(batch_sizes="1,8,64", input_len=512, output_len=256)
@@ -31,24 +31,12 @@ SMALL_DEFAULTS = dict(batch_sizes="1,4", input_len=32, output_len=8)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="HF directory, .gguf file or built-in name (default: Qwen3-0.6B shape, "
-                                   "dummy weights)")
-    p.add_argument("--load-format", choices=["auto", "dummy"], help="default: dummy without --model, else auto")
-    p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
-    p.add_argument("--dtype", default="auto")
+    add_engine_args(p)
     p.add_argument("--batch-sizes", help="comma-separated (default 1,8,64)")
     p.add_argument("--input-len", type=int, help="prompt tokens per sequence (default 512)")
     p.add_argument("--output-len", type=int, help="output tokens per sequence (default 256)")
     p.add_argument("--repeats", type=int, default=3, help="measurements per batch size (the median is reported)")
-    p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--enforce-eager", action="store_true")
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "flash_attn", "torch"])
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--block-size", type=int, default=16, help="kvcache_block_size")
-    p.add_argument("--small", action="store_true", help="the small CPU configuration, even on a GPU")
-    p.add_argument("--json", help="write every number to this file")
-    args = p.parse_args(argv)
-    return args
+    return p.parse_args(argv)
 
 
 def timed_generate(llm, rng, batch_size: int, input_len: int, max_tokens: int, max_token_id: int) -> float:
@@ -108,10 +96,7 @@ def main(argv=None) -> dict:
         else:
             model = write_config_dir(TINY_QWEN3 if small else QWEN3_0_6B, tmp)
             load_format = args.load_format or "dummy"
-        with LLM(model, tensor_parallel_size=args.tp, dtype=args.dtype, max_model_len=args.max_model_len,
-                 max_num_seqs=max(256, *batch_sizes), enforce_eager=args.enforce_eager,
-                 attention_backend=args.attention_backend, gpu_memory_utilization=args.gpu_memory_utilization,
-                 kvcache_block_size=args.block_size, load_format=load_format, skip_tokenizer_init=True) as llm:
+        with LLM(model, max_num_seqs=max(256, *batch_sizes), **engine_kwargs(args, load_format)) as llm:
             config = llm.llm_engine.config
             max_token_id = min(MAX_TOKEN_ID, config.hf_config["vocab_size"] - 1)
             model_name = args.model or ("tiny Qwen3" if small else "Qwen3-0.6B shape")

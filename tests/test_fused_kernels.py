@@ -38,6 +38,19 @@ def test_rmsnorm_and_residual(dtype, cols):
     assert close(out, ref_rmsnorm(x + r, w, 1e-6), dtype)
 
 
+def rope_angles(positions: int, d: int) -> torch.Tensor:
+    return torch.outer(torch.arange(positions, dtype=torch.float64), 1.0 / 10000 ** (torch.arange(0, d, 2) / d))
+
+
+def ref_norm_rope(x, w, angles, positions):
+    """float64 per-head RMSNorm (when w is given), then neox rotary at `positions`."""
+    x = ref_rmsnorm(x, w, 1e-6) if w is not None else x
+    x1, x2 = x.double().chunk(2, -1)
+    a = angles[positions.cpu()].to(x1.device).unsqueeze(1)
+    cos, sin = a.cos(), a.sin()
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("norm", [True, False])
 @pytest.mark.parametrize("hq,hk", [(4, 2), (9, 3)])
@@ -49,51 +62,44 @@ def test_qk_norm_rope_in_place_on_strided_views(dtype, norm, hq, hk):
     q = qkv[:, :hq * d].view(T, hq, d)
     k = qkv[:, hq * d:(hq + hk) * d].view(T, hk, d)
     positions = torch.tensor([0, 3, 7, 100, 5], device=DEVICE)
-    angles = torch.outer(torch.arange(128, dtype=torch.float64), 1.0 / 10000 ** (torch.arange(0, d, 2) / d))
+    angles = rope_angles(128, d)
     cos_sin = torch.cat([angles.cos(), angles.sin()], -1).float().to(DEVICE)
     qw = torch.rand(d, dtype=dtype, device=DEVICE) + 0.5 if norm else None
     kw = torch.rand(d, dtype=dtype, device=DEVICE) + 0.5 if norm else None
     fused.qk_norm_rope(q, k, positions, cos_sin, qw, kw, 1e-6)
-
-    def expect(x, w):
-        x = ref_rmsnorm(x, w, 1e-6) if w is not None else x
-        x1, x2 = x.double().chunk(2, -1)
-        cos, sin = angles[positions.cpu()].to(DEVICE).unsqueeze(1).cos(), angles[positions.cpu()].to(DEVICE).unsqueeze(1).sin()
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
-
-    assert close(q, expect(before[:, :hq * d].view(T, hq, d), qw), dtype)
-    assert close(k, expect(before[:, hq * d:(hq + hk) * d].view(T, hk, d), kw), dtype)
+    assert close(q, ref_norm_rope(before[:, :hq * d].view(T, hq, d), qw, angles, positions), dtype)
+    assert close(k, ref_norm_rope(before[:, hq * d:(hq + hk) * d].view(T, hk, d), kw, angles, positions), dtype)
     assert torch.equal(qkv[:, (hq + hk) * d:], before[:, (hq + hk) * d:])  # v untouched
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hq,hk", [(4, 2), (9, 3)])
 def test_qk_norm_rope_writes_the_kv_cache(dtype, hq, hk):
-    """With caches given, the rotated k and the untouched v land in exactly the slots of slot_mapping
-    (-1: nothing written), and q/k are rotated in place exactly as without caches."""
+    """With caches given, q and k are rotated in place and the rotated k and the untouched v land in exactly
+    the slots of slot_mapping (-1: nothing written): all against the float64 reference."""
     torch.manual_seed(3)
     T, d, blocks, block_size = 4, 32, 3, 4
     qkv = torch.randn(T, (hq + 2 * hk) * d, dtype=dtype, device=DEVICE)
-    split = lambda t: (t[:, :hq * d].view(T, hq, d), t[:, hq * d:(hq + hk) * d].view(T, hk, d),  # noqa: E731
-                       t[:, (hq + hk) * d:].view(T, hk, d))
-    ref = qkv.clone()
+    before = qkv.clone()
+    q, k, v = (qkv[:, :hq * d].view(T, hq, d), qkv[:, hq * d:(hq + hk) * d].view(T, hk, d),
+               qkv[:, (hq + hk) * d:].view(T, hk, d))
     positions = torch.tensor([0, 3, 7, 9], device=DEVICE)
-    angles = torch.outer(torch.arange(16, dtype=torch.float64), 1.0 / 10000 ** (torch.arange(0, d, 2) / d))
+    angles = rope_angles(16, d)
     cos_sin = torch.cat([angles.cos(), angles.sin()], -1).float().to(DEVICE)
     w = torch.rand(d, dtype=dtype, device=DEVICE) + 0.5
     k_cache = torch.full((blocks, block_size, hk, d), float("nan"), dtype=dtype, device=DEVICE)
     v_cache = torch.full_like(k_cache, float("nan"))
     slots = torch.tensor([5, -1, 0, 11], device=DEVICE)
-    q, k, v = split(qkv)
     fused.qk_norm_rope(q, k, positions, cos_sin, w, w, 1e-6, v=v, k_cache=k_cache, v_cache=v_cache,
                        slot_mapping=slots)
-    rq, rk, _ = split(ref)
-    fused.qk_norm_rope(rq, rk, positions, cos_sin, w, w, 1e-6)  # checked against float64 above
-    assert torch.equal(qkv, ref)
+    expected_k = ref_norm_rope(before[:, hq * d:(hq + hk) * d].view(T, hk, d), w, angles, positions)
+    assert close(q, ref_norm_rope(before[:, :hq * d].view(T, hq, d), w, angles, positions), dtype)
+    assert close(k, expected_k, dtype)
+    assert torch.equal(v, before[:, (hq + hk) * d:].view(T, hk, d))
     flat_k, flat_v = k_cache.view(-1, hk, d), v_cache.view(-1, hk, d)
     for t, slot in enumerate(slots.tolist()):
         if slot >= 0:
-            assert torch.equal(flat_k[slot], k[t]) and torch.equal(flat_v[slot], v[t])
+            assert close(flat_k[slot], expected_k[t], dtype) and torch.equal(flat_v[slot], v[t])
     untouched = [s for s in range(blocks * block_size) if s not in slots.tolist()]
     assert torch.isnan(flat_k[untouched]).all() and torch.isnan(flat_v[untouched]).all()
 

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from workers.kernels.triton_attention import device_sms
+
 
 @triton.jit
 def _hash32(x):
@@ -92,10 +94,10 @@ def gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch
         return out
     cuda = logits.is_cuda
     block = 4096 if cuda else 256
-    sms = torch.cuda.get_device_properties(logits.device).multi_processor_count if cuda else 4
-    chunks = num_vocab_chunks(batch, vocab, block, sms)
-    chunk_len = -(-(-(-vocab // chunks)) // block) * block  # a whole number of tiles
-    chunks = -(-vocab // chunk_len)
+    chunks = num_vocab_chunks(batch, vocab, block, device_sms(logits.device) if cuda else 4)
+    tiles = -(-vocab // block)
+    chunk_tiles = -(-tiles // chunks)  # every chunk a whole number of tiles
+    chunk_len, chunks = chunk_tiles * block, -(-tiles // chunk_tiles)
     best_val = torch.empty(batch, MAX_CHUNKS, dtype=torch.float32, device=logits.device)
     best_idx = torch.empty(batch, MAX_CHUNKS, dtype=torch.int64, device=logits.device)
     _gumbel_partial_kernel[(batch, chunks)](logits, logits.stride(0), temperatures, seeds, positions, best_val,

@@ -295,7 +295,8 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _device_sms(device: torch.device) -> int:
+def device_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached per device); a fixed 16 elsewhere."""
     if device.type == "cuda":
         idx = device.index if device.index is not None else torch.cuda.current_device()
         return _num_sms(idx)
@@ -366,7 +367,7 @@ def _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_s
         block_n = _decode_block_n(block_d)
     if num_splits is None:
         num_splits = choose_num_splits(batch, num_kv_heads, block_tables.shape[1], block_size,
-                                       _device_sms(q.device))
+                                       device_sms(q.device))
     num_splits = int(num_splits)
     assert num_splits >= 1
     ieee = q.dtype == torch.float32
