@@ -238,6 +238,10 @@ def test_decode_all_padding():
 def test_choose_num_splits():
     # enough programs already: no split
     assert choose_num_splits(256, 8, 64, 16, num_sms=132) == 1
+    # >= 6 programs per SM from the batch alone: one split (128 x 8 = 1024 >= 6 x 132)
+    assert choose_num_splits(128, 8, 256, 16, num_sms=132) == 1
+    # below that: the smallest power of two reaching 12 programs per SM (96 x 8 x 4 = 3072 >= 1584)
+    assert choose_num_splits(96, 8, 256, 16, num_sms=132) == 4
     # small batch, long context: split, power of two, capped
     s = choose_num_splits(1, 8, 2048, 16, num_sms=132)
     assert s > 1 and s & (s - 1) == 0 and s <= 64

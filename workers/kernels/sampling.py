@@ -28,9 +28,21 @@ def _hash32(x):
 
 
 # chunk counts and lengths follow the batch size: left unspecialized so no batch size compiles a new variant
+@triton.jit
+def _neg_log(x, FAST: tl.constexpr):
+    # -log(x) for x in (0, 1]. On CUDA the hardware approximation (lg2.approx, ~2 ulp): with two logs per
+    # vocabulary entry the exact libdevice log made the sampler compute-bound (H200, batch 256: 152 us
+    # against 95 us; scripts/probe.py). Triton's interpreter has no libdevice, so CPU runs take tl.log.
+    if FAST:
+        return -tl.extra.cuda.libdevice.fast_logf(x)
+    else:
+        return -tl.log(x)
+
+
 @triton.jit(do_not_specialize=["chunk_len"])
 def _gumbel_partial_kernel(logits_ptr, stride_row, temps_ptr, seeds_ptr, positions_ptr, best_val_ptr, best_idx_ptr,
-                           vocab_size, chunk_len, MAX_CHUNKS: tl.constexpr, BLOCK: tl.constexpr):
+                           vocab_size, chunk_len, MAX_CHUNKS: tl.constexpr, BLOCK: tl.constexpr,
+                           FAST_LOG: tl.constexpr):
     # program (row, c): the best (score, token) of vocabulary chunk c of this row
     row = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -50,7 +62,7 @@ def _gumbel_partial_kernel(logits_ptr, stride_row, temps_ptr, seeds_ptr, positio
         x = tl.load(logits_ptr + row * stride_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
         bits = _hash32(_hash32(key ^ offs.to(tl.uint32)) ^ key)
         u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-        gumbel = -tl.log(-tl.log(u))
+        gumbel = _neg_log(_neg_log(u, FAST_LOG), FAST_LOG)
         score = tl.where(use_noise, x * inv_temp + gumbel, x)
         score = tl.where(mask, score, float("-inf"))
         tile_max = tl.max(score, axis=0)
@@ -102,6 +114,6 @@ def gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch
     best_idx = torch.empty(batch, MAX_CHUNKS, dtype=torch.int64, device=logits.device)
     _gumbel_partial_kernel[(batch, chunks)](logits, logits.stride(0), temperatures, seeds, positions, best_val,
                                             best_idx, vocab, chunk_len, MAX_CHUNKS=MAX_CHUNKS, BLOCK=block,
-                                            num_warps=8 if cuda else 1)
+                                            FAST_LOG=cuda, num_warps=8 if cuda else 1)
     _gumbel_reduce_kernel[(batch,)](best_val, best_idx, out, chunks, MAX_CHUNKS=MAX_CHUNKS, num_warps=1)
     return out

@@ -41,6 +41,10 @@ _MIN_TOKENS_PER_SPLIT = 128
 # programs leave SMs idle behind the longest sequences (at batch 96, S = 1 ran at 79 % of the copy
 # bandwidth, S = 4 at 90 %), while many more pay for the extra partial results (S = 32: 52-70 %).
 _PROGRAMS_PER_SM = 12
+# ...except that once the batch alone gives >= 6 programs per SM, one split with a longer, deeper-pipelined
+# loop wins (H200, scripts/probe.py, 2026-11-22: batch 128 x ~1080 tokens 94.5 % of the copy bandwidth at
+# S = 1 against 89.4 % at S = 2; batch 256 x ~1044 95.2 % against 90.4 % with the old 64-token, 2-stage tiles).
+_SINGLE_SPLIT_PROGRAMS_PER_SM = 6
 
 
 # --------------------------------------------------------------------------------------------------
@@ -307,12 +311,14 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_blocks_per_seq: int, bl
                       num_sms: int = 132) -> int:
     """Number of KV splits for decode, from static shapes only (CUDA-graph safe).
 
-    Smallest power of two S with batch * num_kv_heads * S >= _PROGRAMS_PER_SM * num_sms (enough
-    programs to fill the GPU), capped so that a split of the largest possible context
+    1 when batch * num_kv_heads >= _SINGLE_SPLIT_PROGRAMS_PER_SM * num_sms; else the smallest power of two
+    S with batch * num_kv_heads * S >= _PROGRAMS_PER_SM * num_sms (enough programs to fill the GPU), capped so that a split of the largest possible context
     (max_blocks_per_seq * block_size) still holds >= _MIN_TOKENS_PER_SPLIT tokens, and at _MAX_SPLITS.
     At run time each sequence's own context is divided evenly among the S splits.
     """
     base = max(1, batch * num_kv_heads)
+    if base >= _SINGLE_SPLIT_PROGRAMS_PER_SM * num_sms:
+        return 1
     target = _PROGRAMS_PER_SM * num_sms
     s = 1
     while base * s < target and s < _MAX_SPLITS:
@@ -324,8 +330,17 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_blocks_per_seq: int, bl
     return max(1, min(s, cap))
 
 
-def _decode_block_n(block_d: int) -> int:
-    return 64 if block_d <= 128 else 32
+def _decode_config(num_splits: int, block_d: int, elem_bytes: int):
+    """(BLOCK_N, num_warps, num_stages) of the decode split kernel.
+
+    A single split means each program loops over a whole context: 128-token tiles three stages deep keep
+    more of it in flight (H200 sweep in docs/kernels.md). Short per-split loops, float32 caches and head
+    dims above 128 keep the smaller tiles (and fit in shared memory)."""
+    if block_d > 128:
+        return 32, 4, 2
+    if num_splits == 1 and elem_bytes <= 2:
+        return 128, 4, 3
+    return 64, 4, 2
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -342,7 +357,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 
 def _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=None, out=None,
-                   block_n=None, num_warps=4, num_stages=2):
+                   block_n=None, num_warps=None, num_stages=None):
     """paged_decode_attention with the tuning knobs exposed (benchmarks, autotuning offline)."""
     _check_cache(k_cache, v_cache)
     batch, num_q_heads, head_dim = q.shape
@@ -363,13 +378,15 @@ def _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_s
     group = num_q_heads // num_kv_heads
     block_h = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
     block_d = triton.next_power_of_2(head_dim)
-    if block_n is None:
-        block_n = _decode_block_n(block_d)
     if num_splits is None:
         num_splits = choose_num_splits(batch, num_kv_heads, block_tables.shape[1], block_size,
                                        device_sms(q.device))
     num_splits = int(num_splits)
     assert num_splits >= 1
+    default_n, default_warps, default_stages = _decode_config(num_splits, block_d, k_cache.element_size())
+    block_n = block_n or default_n
+    num_warps = num_warps or default_warps
+    num_stages = num_stages or default_stages
     ieee = q.dtype == torch.float32
 
     if num_splits > 1:
