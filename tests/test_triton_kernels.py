@@ -19,6 +19,7 @@ from workers.kernels.triton_attention import (  # noqa: E402
     choose_num_splits,
     paged_decode_attention,
     paged_prefill_attention,
+    prefill_seq_groups,
     store_kvcache,
 )
 
@@ -256,7 +257,7 @@ def test_choose_num_splits():
 
 
 def _run_prefill_case(dtype, group, head_dim, block_size, seqs, num_kv_heads=2, seed=0, strided_q=False,
-                      max_seqlen_q=None, extra_kv=()):
+                      max_seqlen_q=None, extra_kv=(), grouped=False):
     """seqs: list of (q_len, context_len). extra_kv: per sequence, tokens already in the cache beyond
     context_len (e.g. a later chunk's K/V): they must be ignored."""
     gen = _gen(seed)
@@ -275,7 +276,13 @@ def _run_prefill_case(dtype, group, head_dim, block_size, seqs, num_kv_heads=2, 
     scale = head_dim ** -0.5
     if max_seqlen_q is None:
         max_seqlen_q = max(q_lens)
-    out = paged_prefill_attention(q, kv.k_cache, kv.v_cache, cu, context_lens, kv.block_tables, scale, max_seqlen_q)
+    seq_groups = None
+    if grouped:
+        groups = prefill_seq_groups(q_lens)
+        assert groups is not None
+        seq_groups = [(torch.tensor(ids, dtype=torch.int32, device=DEVICE), m) for ids, m in groups]
+    out = paged_prefill_attention(q, kv.k_cache, kv.v_cache, cu, context_lens, kv.block_tables, scale, max_seqlen_q,
+                                  seq_groups=seq_groups)
     refs = []
     start = 0
     for b, (ql, c) in enumerate(seqs):
@@ -307,6 +314,21 @@ def test_prefill_strided_q_zero_len_and_oversized_grid(dtype):
     # strided q, a sequence with no new tokens, and max_seqlen_q larger than needed
     seqs = [(17, 17), (0, 12), (6, 33)]
     _run_prefill_case(dtype, 2, 128, 32, seqs, seed=9, strided_q=True, max_seqlen_q=64)
+
+
+def test_prefill_seq_groups():
+    # decode rows (and any <= 16-token chunk) next to longer prompts: two groups with their own max q_len
+    assert prefill_seq_groups([1, 300, 16, 17, 1]) == [([0, 2, 4], 16), ([1, 3], 300)]
+    assert prefill_seq_groups([1, 1, 5]) is None  # all short: one launch
+    assert prefill_seq_groups([40, 17]) is None  # all long: one launch
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_grouped_launches(dtype):
+    # a chunked-prefill step: decode rows with long contexts, a chunk after a cached prefix, a fresh
+    # prompt, a 16-token chunk; one launch per group writes exactly its own rows
+    seqs = [(1, 90), (70, 70), (16, 60), (1, 17), (33, 100), (1, 1)]
+    _run_prefill_case(dtype, 2, 64, 16, seqs, seed=21, grouped=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

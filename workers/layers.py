@@ -100,6 +100,9 @@ class AttentionMetadata:
     max_seqlen_q: int
     is_decode: bool  # every sequence has exactly one new token
     prefix_free: bool = False  # no sequence attends to K/V from earlier steps (plain prefill)
+    # prefill with the Triton backend: [(int32 sequence indices, their max q_len)] when short and long
+    # query lengths share the step, so each gets its own tile size (triton_attention.prefill_seq_groups)
+    seq_groups: Optional[list] = None
     # host copies, for the pure-torch backend's per-sequence loop
     q_lens_host: Optional[list] = None
     context_lens_host: Optional[list] = None
@@ -175,6 +178,7 @@ class TritonAttentionBackend:
     built-in varlen flash attention for prefills that attend to no cached prefix, where it is faster."""
 
     name = "triton"
+    groups_prefill_by_query_len = True  # the runner fills AttentionMetadata.seq_groups for prefills
 
     def __init__(self):
         from workers.kernels import triton_attention
@@ -191,7 +195,8 @@ class TritonAttentionBackend:
         if meta.prefix_free and self.varlen is not None:
             return self.varlen(q, k, v, meta.cu_seqlens_q, meta.max_seqlen_q, scale)
         return self.kernels.paged_prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens,
-                                                    meta.block_tables, scale, meta.max_seqlen_q)
+                                                    meta.block_tables, scale, meta.max_seqlen_q,
+                                                    seq_groups=meta.seq_groups)
 
 
 def _torch_varlen_attention():

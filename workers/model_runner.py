@@ -191,6 +191,8 @@ class ModelRunner:
             block_tables=torch.zeros((len(q_lens), self.max_blocks_per_seq), dtype=torch.int32, device=dev),
             max_seqlen_q=max(q_lens), is_decode=max(q_lens) == 1, prefix_free=False,
             q_lens_host=q_lens, context_lens_host=q_lens)
+        if not meta.is_decode:
+            meta.seq_groups = self._prefill_seq_groups(q_lens)
         ids = torch.zeros(total, dtype=torch.int64, device=dev)
         pos = torch.cat([torch.arange(n, device=dev) for n in q_lens])
         hidden = self.model(ids, pos, meta)
@@ -228,7 +230,8 @@ class ModelRunner:
     @torch.inference_mode()
     def _warm_up_kernels(self) -> None:
         """Compile every Triton kernel variant a run can hit now, so none compiles inside a timed region."""
-        for q in (16, 32, 64, 128, 256):  # the prefill kernel's tile sizes
+        for q in (16, 32, 64, 128, 256):  # the prefill kernel's tile sizes, alone and next to a decode row
+            self._dummy_forward([q], sample_rows=1)
             self._dummy_forward([q, 1], sample_rows=2)
         # The LM head runs outside the decode graphs with one row per sampling sequence: let cuBLAS pick
         # (and the driver load) its kernel for every row count now rather than on first use mid-run.
@@ -444,6 +447,7 @@ class ModelRunner:
                 cu_seqlens_q=self._to_device(inp["cu"], torch.int32),
                 block_tables=self._to_device(self.block_table[inp["rows"], :inp["width"]], torch.int32),
                 max_seqlen_q=int(inp["q_lens"].max()), is_decode=is_decode, prefix_free=inp["prefix_free"],
+                seq_groups=None if is_decode else self._prefill_seq_groups(inp["q_lens"]),
                 q_lens_host=inp["q_lens"].tolist(), context_lens_host=inp["ends"].tolist())
             hidden = self.model(ids, self._to_device(inp["positions"], torch.int64), meta)
         for state, n, _ in scheduled:
@@ -494,6 +498,16 @@ class ModelRunner:
         instance = self.staging.turn  # alternates every step
         self.graphs[size][instance].replay()
         return self.graph_outputs[size][instance][:batch]
+
+    def _prefill_seq_groups(self, q_lens) -> Optional[list]:
+        """Sequence groups by query length for backends that launch prefill attention per group."""
+        if not getattr(self.backend, "groups_prefill_by_query_len", False):
+            return None
+        from workers.kernels.triton_attention import prefill_seq_groups
+        groups = prefill_seq_groups(q_lens)
+        if groups is None:
+            return None
+        return [(self._to_device(np.asarray(ids, dtype=np.int32), torch.int32), max_q) for ids, max_q in groups]
 
     def _fill_from_prev(self, input_ids: torch.Tensor, inp: dict) -> None:
         """Inputs that are last step's sampled tokens: copied on the device, never through the host."""

@@ -19,7 +19,7 @@ See docs/kernels.md for the design notes.
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import triton
@@ -30,6 +30,7 @@ __all__ = [
     "paged_decode_attention",
     "paged_prefill_attention",
     "choose_num_splits",
+    "prefill_seq_groups",
 ]
 
 _LOG2E = 1.4426950408889634
@@ -425,7 +426,7 @@ def _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_s
 
 @triton.jit(do_not_specialize=["stride_bt_b"])  # see _decode_split_kernel
 def _prefill_kernel(
-    Q, KCache, VCache, BlockTables, CuSeqlensQ, ContextLens, Out,
+    Q, KCache, VCache, BlockTables, CuSeqlensQ, ContextLens, Out, SeqIds,
     stride_qt, stride_qh, stride_qd,
     stride_k_slot, stride_k_h, stride_v_slot, stride_v_h,
     stride_bt_b,
@@ -433,12 +434,15 @@ def _prefill_kernel(
     qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, IEEE: tl.constexpr, HAS_SEQ_IDS: tl.constexpr,
 ):
     h = tl.program_id(0)
     # Largest query tiles (most KV work under the causal mask) are launched first.
     mblk = tl.num_programs(1) - 1 - tl.program_id(1)
-    pid_b = tl.program_id(2)
+    if HAS_SEQ_IDS:  # this launch covers only the sequences listed in SeqIds
+        pid_b = tl.load(SeqIds + tl.program_id(2))
+    else:
+        pid_b = tl.program_id(2)
 
     q_start = tl.load(CuSeqlensQ + pid_b)
     q_len = tl.load(CuSeqlensQ + pid_b + 1) - q_start
@@ -499,24 +503,54 @@ def _prefill_config(max_seqlen_q: int, block_d: int):
     return block_m, 64, 4, (3 if block_m >= 128 else 2)
 
 
+# Sequences with at most this many new tokens (decode rows riding along in a chunked-prefill step) get a
+# launch of their own with 16-row query tiles; see prefill_seq_groups.
+SHORT_QUERY_LEN = 16
+
+
+def prefill_seq_groups(q_lens) -> Optional[List[tuple]]:
+    """Split a prefill batch by query length: [(indices of the sequences with <= SHORT_QUERY_LEN new
+    tokens, their max q_len), (the others, theirs)], or None when one group would hold them all.
+
+    One launch sizes its query tiles for the longest sequence (128 rows), so a decode row sharing a step
+    with a long prompt would compute 128 rows for its one, over its whole context: in bench.py's chunked
+    prefill steps (~16k prompt tokens next to ~200 decode rows) that made attention 16 of 45 ms."""
+    q_lens = [int(n) for n in q_lens]
+    short = [i for i, n in enumerate(q_lens) if n <= SHORT_QUERY_LEN]
+    if not short or len(short) == len(q_lens):
+        return None
+    long = [i for i, n in enumerate(q_lens) if n > SHORT_QUERY_LEN]
+    return [(short, max(q_lens[i] for i in short)), (long, max(q_lens[i] for i in long))]
+
+
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
                             block_tables: torch.Tensor, scale: float, max_seqlen_q: int,
-                            out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                            out: Optional[torch.Tensor] = None, seq_groups: Optional[list] = None) -> torch.Tensor:
     """Causal attention of new query tokens over the paged KV cache (varlen batch).
 
     q: [T, num_q_heads, head_dim], the new tokens of B sequences concatenated (cu_seqlens_q int32
     [B+1]). context_lens int32 [B]: total KV length of each sequence including the new tokens, whose
     K/V are already in the cache. Query i of sequence b is at position context_lens[b] - q_len_b + i
     and attends to KV positions <= its own. max_seqlen_q (Python int, >= every q_len_b) sizes the grid.
+    seq_groups: optional [(int32 device tensor of sequence indices, their max q_len)] covering every
+    sequence once (``prefill_seq_groups``): one launch per group, each with tiles sized for its group.
     """
-    return _prefill_launch(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
-                           max_seqlen_q, out)
+    if not seq_groups:
+        return _prefill_launch(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
+                               max_seqlen_q, out)
+    if out is None:
+        out = torch.empty_like(q)
+    for seq_ids, group_max_q in seq_groups:
+        _prefill_launch(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, group_max_q, out,
+                        seq_ids=seq_ids)
+    return out
 
 
 def _prefill_launch(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q,
-                    out=None, config=None):
-    """paged_prefill_attention with the tuning knobs exposed: config = (block_m, block_n, warps, stages)."""
+                    out=None, config=None, seq_ids=None):
+    """paged_prefill_attention with the tuning knobs exposed: config = (block_m, block_n, warps, stages);
+    seq_ids: only these sequences (an int32 device tensor), else all."""
     _check_cache(k_cache, v_cache)
     total, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
@@ -538,16 +572,21 @@ def _prefill_launch(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_table
     group = num_q_heads // num_kv_heads
     block_d = triton.next_power_of_2(head_dim)
     block_m, block_n, num_warps, num_stages = config or _prefill_config(max_seqlen_q, block_d)
-    grid = (num_q_heads, triton.cdiv(max_seqlen_q, block_m), batch)
+    if seq_ids is not None:
+        assert seq_ids.dtype == torch.int32 and seq_ids.dim() == 1, "seq_ids must be a 1-D int32 tensor"
+        if seq_ids.numel() == 0:
+            return out
+    grid = (num_q_heads, triton.cdiv(max_seqlen_q, block_m), batch if seq_ids is None else seq_ids.numel())
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out,
+        seq_ids if seq_ids is not None else cu_seqlens_q,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
         scale * _LOG2E,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=block_n,
-        BLOCK_SIZE=block_size, IEEE=q.dtype == torch.float32,
+        BLOCK_SIZE=block_size, IEEE=q.dtype == torch.float32, HAS_SEQ_IDS=seq_ids is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
