@@ -25,6 +25,16 @@ def _divide(numerator: int, denominator: int, what: str) -> int:
     return numerator // denominator
 
 
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear, except for 1-4 rows on CUDA, where a Triton kernel reads the weight faster than cuBLAS
+    (workers.kernels.small_linear; imported lazily so CPU-only use never needs triton)."""
+    if x.is_cuda and x.dim() == 2 and x.shape[0] <= 4:
+        from workers.kernels import small_linear
+        if small_linear.supports(x, weight):
+            return small_linear.small_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 def _make_param(shape, dtype, loader) -> nn.Parameter:
     param = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
     param.weight_loader = loader
@@ -47,7 +57,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.copy_(loaded.narrow(0, self.ctx.rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return _linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -141,7 +151,7 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.ctx.all_reduce(F.linear(x, self.weight))
+        y = self.ctx.all_reduce(_linear(x, self.weight))
         return y + self.bias if self.bias is not None else y
 
 

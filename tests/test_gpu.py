@@ -29,6 +29,29 @@ def test_greedy_float32_matches_transformers(tiny_models, tp, eager):
     assert [o.token_ids for o in again] == ref
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2"])  # qwen2: q/k/v biases
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "graphs"])
+def test_small_batches_match_transformers(tiny_models, arch, eager):
+    """Decode batches of 1 and 3 rows: their projections run in workers.kernels.small_linear (graphs of 1
+    and 4 rows)."""
+    path = tiny_models[arch]
+    with LLM(path, dtype="float32", enforce_eager=eager, attention_backend="triton", max_model_len=256) as llm:
+        one = llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)
+        three = llm.generate(PROMPTS[1:4], GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in one] == hf_greedy(path, PROMPTS[:1], MAX_TOKENS)
+    assert [o.token_ids for o in three] == hf_greedy(path, PROMPTS[1:4], MAX_TOKENS)
+
+
+def test_chunked_prefill_next_to_decodes_matches_transformers(tiny_models):
+    """A 64-token budget: steps carry decode rows next to prefill chunks of 17+ tokens, which the Triton
+    backend attends to in two launches (triton_attention.prefill_seq_groups)."""
+    path = tiny_models["qwen3"]
+    with LLM(path, dtype="float32", attention_backend="triton", max_model_len=256,
+             max_num_batched_tokens=64) as llm:
+        outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in outs] == hf_greedy(path, PROMPTS, MAX_TOKENS)
+
+
 def test_bf16_graph_logits_match_eager(tiny_models):
     """Replay a captured decode graph and run the same step eagerly: bf16 logits agree."""
     from parallel.distributed import ParallelContext

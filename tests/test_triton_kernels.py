@@ -387,3 +387,13 @@ def test_decode_and_prefill_cuda_graph_replay():
     assert torch.equal(out, eager)
     assert torch.count_nonzero(out[0]) == 0
     torch.testing.assert_close(out_p.float(), eager.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_graph_batch_sizes():
+    from workers.model_runner import graph_batch_sizes
+
+    assert graph_batch_sizes(256) == [1, 2, 4, 8] + list(range(16, 257, 16))
+    assert graph_batch_sizes(3) == [1, 2, 3]
+    assert graph_batch_sizes(8) == [1, 2, 4, 8]
+    assert graph_batch_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
+    assert graph_batch_sizes(1000)[-1] == 512

@@ -75,11 +75,10 @@ def select_attention_backend(name: str, device: str, dtype: str = "float32", blo
 def graph_batch_sizes(max_num_seqs: int) -> List[int]:
     """The decode batch sizes captured as CUDA graphs; a batch runs in the smallest one that fits it.
 
-    None below 8: a decode step reads the same weights and costs the same at 1 to 8 rows, except that
-    cuBLAS picks slower kernels for a single row (H200, scripts/kernel_sweep.py: the attention output
-    projection takes 12.7 us at 1 row, 5.9 us at 8), so batches of 1-7 run padded to 8."""
+    1, 2 and 4 rows run their projections in workers.kernels.small_linear (faster than cuBLAS there);
+    5-7 rows run padded to 8, where cuBLAS is as fast as at 1 row (H200, scripts/kernel_sweep.py)."""
     top = min(max_num_seqs, 512)
-    sizes = [min(8, top)] + list(range(16, top + 1, 16))
+    sizes = [s for s in (1, 2, 4, 8) if s < top] + list(range(16, top + 1, 16))
     if sizes[-1] != top:
         sizes.append(top)
     return sizes
