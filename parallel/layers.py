@@ -26,9 +26,9 @@ def _divide(numerator: int, denominator: int, what: str) -> int:
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """F.linear, except for 1-4 rows on CUDA, where a Triton kernel reads the weight faster than cuBLAS
+    """F.linear, except for a single row on CUDA, where a Triton kernel reads the weight faster than cuBLAS
     (workers.kernels.small_linear; imported lazily so CPU-only use never needs triton)."""
-    if x.is_cuda and x.dim() == 2 and x.shape[0] <= 4:
+    if x.is_cuda and x.dim() == 2 and x.shape[0] == 1:
         from workers.kernels import small_linear
         if small_linear.supports(x, weight):
             return small_linear.small_linear(x, weight, bias)

@@ -32,8 +32,8 @@ def test_greedy_float32_matches_transformers(tiny_models, tp, eager):
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2"])  # qwen2: q/k/v biases
 @pytest.mark.parametrize("eager", [True, False], ids=["eager", "graphs"])
 def test_small_batches_match_transformers(tiny_models, arch, eager):
-    """Decode batches of 1 and 3 rows: their projections run in workers.kernels.small_linear (graphs of 1
-    and 4 rows)."""
+    """Decode batches of 1 row (projections in workers.kernels.small_linear, the 1-row graph) and of 3 rows
+    (cuBLAS, padded to the 8-row graph)."""
     path = tiny_models[arch]
     with LLM(path, dtype="float32", enforce_eager=eager, attention_backend="triton", max_model_len=256) as llm:
         one = llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)

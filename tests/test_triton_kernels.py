@@ -392,8 +392,9 @@ def test_decode_and_prefill_cuda_graph_replay():
 def test_graph_batch_sizes():
     from workers.model_runner import graph_batch_sizes
 
-    assert graph_batch_sizes(256) == [1, 2, 4, 8] + list(range(16, 257, 16))
-    assert graph_batch_sizes(3) == [1, 2, 3]
-    assert graph_batch_sizes(8) == [1, 2, 4, 8]
-    assert graph_batch_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
+    assert graph_batch_sizes(256) == [1, 8] + list(range(16, 257, 16))
+    assert graph_batch_sizes(3) == [1, 3]
+    assert graph_batch_sizes(8) == [1, 8]
+    assert graph_batch_sizes(1) == [1]
+    assert graph_batch_sizes(40) == [1, 8, 16, 32, 40]
     assert graph_batch_sizes(1000)[-1] == 512

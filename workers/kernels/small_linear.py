@@ -1,10 +1,12 @@
-"""y = x W^T (+ b) for a handful of rows (batch-1..4 decode), on CUDA cores (Triton).
+"""y = x W^T (+ b) for a single row (batch-1 decode), on CUDA cores (Triton).
 
-At one to four rows a projection is a pure read of the weight, and cuBLAS's kernels for it leave most of
-the bandwidth unused: on an H200 (scripts/probe.py, 2026-11-22) Qwen3-0.6B's per-layer GEMMs at one row
-take 5.3 / 12.7 / 6.1 / 6.8 us (q/k/v, o, gate/up, down) with cuBLAS and 4.3 / 3.6 / 5.3 / 4.2 us here.
-Each program owns BLOCK_N output features and streams their weight rows along K in BLOCK_K pieces
-(pipelined NUM_STAGES deep), multiplying by every input row; no tensor cores, no padding of M to 16.
+At one row a projection is a pure read of the weight, and cuBLAS's kernels for it leave most of the
+bandwidth unused: on an H200 (scripts/probe.py, 2026-11-22) Qwen3-0.6B's per-layer GEMMs at one row take
+5.0 / 12.4 / 6.0 / 6.9 us (q/k/v, o, gate/up, down) with cuBLAS and 4.0 / 3.7 / 5.4 / 4.4 us here. Each
+program owns BLOCK_N output features and streams their weight rows along K in BLOCK_K pieces (pipelined
+NUM_STAGES deep); no tensor cores, no padding of the row to 16. At 2-4 rows a version that loops over the
+rows lost to cuBLAS (it re-reads the weight per row: 24.8 / 31.1 / 37.3 us per layer at 2 / 3 / 4 rows
+against cuBLAS's 24.2 at 8), so decode batches of 2-7 run cuBLAS, padded to 8 in the CUDA graphs.
 """
 
 from __future__ import annotations
@@ -17,27 +19,21 @@ import triton.language as tl
 
 from workers.kernels.triton_attention import device_sms
 
-MAX_ROWS = 4  # above this the weight is re-read per row too often; cuBLAS takes over
-
-
 @triton.jit
-def _small_linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, K, stride_xm, stride_wn, stride_ym,
-                         MAX_M: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         NUM_STAGES: tl.constexpr):
+def _small_linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
-    for m in tl.static_range(MAX_M):
-        if m < M:
-            acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-            for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
-                w = tl.load(w_rows + (k0 + offs_k)[None, :])
-                x = tl.load(x_ptr + m * stride_xm + k0 + offs_k)
-                acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-            y = tl.sum(acc, axis=1)
-            if HAS_BIAS:
-                y += tl.load(b_ptr + offs_n).to(tl.float32)
-            tl.store(y_ptr + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty))
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+        w = tl.load(w_rows + (k0 + offs_k)[None, :])
+        x = tl.load(x_ptr + k0 + offs_k)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n).to(tl.float32)
+    tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty))
 
 
 def _config(n: int, k: int, num_sms: int):
@@ -56,20 +52,20 @@ def _config(n: int, k: int, num_sms: int):
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``small_linear`` takes this call: <= MAX_ROWS rows of a 2-D input, contiguous last dims,
-    the same dtype, and a shape that tiles."""
-    return (x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and x.dtype == weight.dtype and x.stride(-1) == 1
+    """Whether ``small_linear`` takes this call: a single contiguous row of the weight's dtype, and a
+    weight shape that tiles."""
+    return (x.dim() == 2 and x.shape[0] == 1 and x.dtype == weight.dtype and x.is_contiguous()
             and weight.stride(-1) == 1 and
             _config(weight.shape[0], weight.shape[1], device_sms(x.device)) is not None)
 
 
 def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """[M, K] x [N, K]^T (+ [N]) -> [M, N] for M <= MAX_ROWS (check ``supports`` first)."""
-    m, k = x.shape
+    """[1, K] x [N, K]^T (+ [N]) -> [1, N] (check ``supports`` first)."""
+    k = x.shape[1]
     n = weight.shape[0]
     block_n, block_k = _config(n, k, device_sms(x.device))
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    _small_linear_kernel[(n // block_n,)](
-        x, weight, bias if bias is not None else weight, y, m, k, x.stride(0), weight.stride(0), y.stride(0),
-        MAX_M=MAX_ROWS, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=4, num_warps=4)
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    _small_linear_kernel[(n // block_n,)](x, weight, bias if bias is not None else weight, y, k, weight.stride(0),
+                                          HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+                                          NUM_STAGES=4, num_warps=4)
     return y
