@@ -151,7 +151,11 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.ctx.all_reduce(_linear(x, self.weight))
+        return self.reduce(_linear(x, self.weight))
+
+    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """This rank's x W^T (however it was computed) -> the layer's output: all-reduce, then the bias."""
+        y = self.ctx.all_reduce(partial)
         return y + self.bias if self.bias is not None else y
 
 

@@ -138,3 +138,37 @@ def test_small_linear_declines_what_it_cannot_tile():
     assert not small_linear.supports(torch.randn(1, 512, device=DEVICE), torch.randn(60, 512, device=DEVICE))
     assert not small_linear.supports(torch.randn(1, 512, device=DEVICE).half(), w)  # dtype mismatch
     assert not small_linear.supports(torch.randn(1, 1024, device=DEVICE)[:, ::2], w)  # strided row
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rmsnorm_linear_against_float64(dtype, with_residual):
+    """The norm fused into the 1-row projection: the same rounding points as fused.rmsnorm, then the GEMV."""
+    from workers.kernels import small_linear
+
+    torch.manual_seed(3)
+    k, n = 512, 96
+    x = torch.randn(1, k, dtype=dtype, device=DEVICE)
+    r = torch.randn(1, k, dtype=dtype, device=DEVICE) if with_residual else None
+    g = torch.rand(k, dtype=dtype, device=DEVICE) + 0.5
+    w = torch.randn(n, k, dtype=dtype, device=DEVICE) / k ** 0.5
+    b = torch.randn(n, dtype=dtype, device=DEVICE)
+    y, res = small_linear.rmsnorm_linear(x, r, g, 1e-6, w, b)
+    summed = x + r if with_residual else x
+    assert torch.equal(res, summed)
+    ref = ref_rmsnorm(summed, g, 1e-6).double() @ w.double().T + b.double()
+    assert close(y, ref.to(dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_linear_against_float64(dtype):
+    from workers.kernels import small_linear
+
+    torch.manual_seed(4)
+    k, n = 768, 64
+    gate_up = torch.randn(1, 2 * k, dtype=dtype, device=DEVICE) * 2
+    w = torch.randn(n, k, dtype=dtype, device=DEVICE) / k ** 0.5
+    gate, up = gate_up[:, :k].double(), gate_up[:, k:]
+    act = (gate * torch.sigmoid(gate)).to(dtype) * up  # silu rounded to the dtype, then the product
+    ref = act.double() @ w.double().T
+    assert close(small_linear.silu_mul_linear(gate_up, w), ref.to(dtype), dtype)

@@ -100,7 +100,11 @@ class DecoderAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, spec.head_dim, spec.head_dim ** -0.5, backend)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return self.attend(positions, self.qkv_proj(x), meta)
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Everything after the q/k/v projection: norms, rotary, the cache write, attention, o_proj."""
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         if q.is_cuda and self.attn.k_cache is not None:
@@ -141,6 +145,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
 
     def forward(self, positions, hidden, residual, meta):
+        if hidden.is_cuda and hidden.shape[0] == 1 and self._one_row_kernels_fit(hidden):
+            return self._forward_one_row(positions, hidden, residual, meta)
         if residual is None:
             hidden, residual = self.input_layernorm(hidden), hidden
         else:
@@ -148,6 +154,26 @@ class DecoderLayer(nn.Module):
         hidden = self.self_attn(positions, hidden, meta)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
+
+
+    def _one_row_kernels_fit(self, hidden: torch.Tensor) -> bool:
+        from workers.kernels.small_linear import supports, weight_fits
+        return (supports(hidden, self.self_attn.qkv_proj.weight) and weight_fits(self.mlp.gate_up_proj.weight)
+                and weight_fits(self.mlp.down_proj.weight))
+
+    def _forward_one_row(self, positions, hidden, residual, meta):
+        """One token (batch-1 decode) on CUDA: both RMSNorms and the SiLU-and-mul run inside the projections
+        that follow them (workers.kernels.small_linear): 3 kernels a layer fewer, at a size where every
+        launch costs more than its work."""
+        from workers.kernels import small_linear
+        attn, mlp = self.self_attn, self.mlp
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        qkv, residual = small_linear.rmsnorm_linear(hidden, residual, norm1.weight, norm1.eps, attn.qkv_proj.weight,
+                                                    attn.qkv_proj.bias)
+        hidden = attn.attend(positions, qkv, meta)
+        gate_up, residual = small_linear.rmsnorm_linear(hidden, residual, norm2.weight, norm2.eps,
+                                                        mlp.gate_up_proj.weight, mlp.gate_up_proj.bias)
+        return mlp.down_proj.reduce(small_linear.silu_mul_linear(gate_up, mlp.down_proj.weight)), residual
 
 
 class DecoderModel(nn.Module):
