@@ -293,13 +293,12 @@ def _decode_split_kernel(
                 inv_denom = 1.0 / tl.maximum(tl.sum(w, 1), 1e-30)  # denominators are >= 1 when any split ran
                 for c in tl.static_range(BLOCK_D // CHUNK_D):
                     offs_c = c * CHUNK_D + tl.arange(0, CHUNK_D)
-                    # (names unused before this branch: Triton rejects re-typing a variable inside an if)
-                    parts = tl.load(OWs + rows[:, :, None] * BLOCK_D + offs_c[None, None, :],
-                                    mask=valid[:, :, None] & (offs_c < HEAD_DIM)[None, None, :], other=0.0,
-                                    cache_modifier=".cg")
-                    combined = tl.sum(w[:, :, None] * parts, 1) * inv_denom[:, None]
+                    o = tl.load(OWs + rows[:, :, None] * BLOCK_D + offs_c[None, None, :],
+                                mask=valid[:, :, None] & (offs_c < HEAD_DIM)[None, None, :], other=0.0,
+                                cache_modifier=".cg")
+                    res = tl.sum(w[:, :, None] * o, 1) * inv_denom[:, None]
                     tl.store(Out + pid_b.to(tl.int64) * stride_ob + head_g[:, None] * stride_oh
-                             + offs_c[None, :] * stride_od, combined.to(Out.dtype.element_ty),
+                             + offs_c[None, :] * stride_od, res.to(Out.dtype.element_ty),
                              mask=(offs_g[:, None] < GROUP) & (offs_c < HEAD_DIM)[None, :])
 
 
