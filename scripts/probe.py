@@ -284,42 +284,6 @@ def probe_small_linear(bw, results):
         print("  ".join(line))
 
 
-def probe_fused_reduce(bw, results):
-    dev = torch.device("cuda")
-    rng = random.Random(1)
-    max_blocks = 4096 // BLOCK
-    counters = ta.split_counters(dev)
-    print(f"\n== decode attention: separate reduce kernel vs last split reduces (us/layer)")
-    for batch, lo, hi in ((1, 512, 768), (8, 512, 768), (16, 512, 768), (32, 512, 768), (64, 512, 768),
-                          (64, 1200, 1500), (96, 1100, 1400)):
-        ctx = [rng.randint(lo, hi) for _ in range(batch)]
-        need = sum(-(-c // BLOCK) for c in ctx)
-        caches = [(torch.randn(need + 1, BLOCK, HKV, D, device=dev, dtype=torch.bfloat16),
-                   torch.randn(need + 1, BLOCK, HKV, D, device=dev, dtype=torch.bfloat16)) for _ in range(LAYERS)]
-        perm = torch.randperm(need).tolist()
-        table = torch.zeros(batch, max_blocks, dtype=torch.int32)
-        used = 0
-        for b, c in enumerate(ctx):
-            n = -(-c // BLOCK)
-            table[b, :n] = torch.tensor(perm[used:used + n])
-            used += n
-        table = table.to(dev)
-        lens = torch.tensor(ctx, dtype=torch.int32, device=dev)
-        q = torch.randn(batch, HQ, D, device=dev, dtype=torch.bfloat16)
-        out = torch.empty_like(q)
-        s_default = ta.choose_num_splits(batch, HKV, max_blocks, BLOCK, device_sms(dev))
-        line = [f"B={batch:>3} ctx {lo}-{hi} S={s_default}:"]
-        for s in sorted({s_default, max(2, s_default // 2), s_default * 2}):
-            t_sep = graph_time(lambda i: ta.paged_decode_attention(q, *caches[i], table, lens, 0.088, num_splits=s,
-                                                                   out=out))
-            t_fused = graph_time(lambda i: ta.paged_decode_attention(q, *caches[i], table, lens, 0.088,
-                                                                     num_splits=s, out=out, counters=counters))
-            line.append(f"S={s} separate {t_sep * 1e6:6.1f} fused {t_fused * 1e6:6.1f}")
-            results["fused_reduce"].append(dict(batch=batch, lo=lo, hi=hi, splits=s, separate=t_sep, fused=t_fused))
-        print("  ".join(line))
-        del caches
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--json")
@@ -327,12 +291,10 @@ def main():
     args = p.parse_args()
     bw = measure_copy_bandwidth()
     print(f"copy bandwidth {bw / 1e9:,.0f} GB/s")
-    results = {"copy_bandwidth": bw, "attention": [], "gemm": [], "sampler": [], "small_linear": [],
-               "fused_reduce": []}
+    results = {"copy_bandwidth": bw, "attention": [], "gemm": [], "sampler": [], "small_linear": []}
     parts = args.only.split(",")
     t0 = time.time()
-    for part, fn in (("reduce", lambda: probe_fused_reduce(bw, results)),
-                     ("small", lambda: probe_small_linear(bw, results)), ("sampler", lambda: probe_sampler(results)), ("attn", lambda: probe_attention(bw, results)),
+    for part, fn in (("small", lambda: probe_small_linear(bw, results)), ("sampler", lambda: probe_sampler(results)), ("attn", lambda: probe_attention(bw, results)),
                      ("gemm", lambda: probe_gemm(bw, results))):
         if part in parts:
             fn()
