@@ -20,7 +20,6 @@ from workers.kernels.triton_attention import (  # noqa: E402
     paged_decode_attention,
     paged_prefill_attention,
     prefill_seq_groups,
-    split_counters,
     store_kvcache,
 )
 
@@ -179,7 +178,7 @@ def test_store_kvcache_all_padding_and_empty():
 
 
 def _run_decode_case(dtype, group, head_dim, block_size, ctx_lens, num_splits, num_kv_heads=2, seed=0,
-                     strided_q=False, use_out=False, counters=None):
+                     strided_q=False, use_out=False):
     gen = _gen(seed)
     kv = PagedKV(ctx_lens, num_kv_heads, head_dim, block_size, dtype, gen)
     hq = num_kv_heads * group
@@ -192,9 +191,7 @@ def _run_decode_case(dtype, group, head_dim, block_size, ctx_lens, num_splits, n
     scale = head_dim ** -0.5
     out_buf = torch.full((b, hq, head_dim), float("nan"), dtype=dtype, device=DEVICE) if use_out else None
     out = paged_decode_attention(q, kv.k_cache, kv.v_cache, kv.block_tables, kv.context_lens, scale,
-                                 num_splits=num_splits, out=out_buf, counters=counters)
-    if counters is not None:  # the last split of every (sequence, KV head) put its counter back to 0
-        assert torch.count_nonzero(counters) == 0
+                                 num_splits=num_splits, out=out_buf)
     if use_out:
         assert out is out_buf
     ref = torch.stack([
@@ -222,18 +219,6 @@ def test_decode_block_sizes_and_splits(dtype, block_size, num_splits):
     # block 8 (gather path), 64 (== BLOCK_N), 128 (one block spans two tiles); even/odd split counts.
     ctx = [block_size, 1, 0, 3 * block_size - 5, 200]
     _run_decode_case(dtype, 2, 64, block_size, ctx, num_splits=num_splits, seed=block_size + num_splits)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_splits", [2, 5, 8])
-def test_decode_last_split_reduces(dtype, num_splits):
-    # with split counters the last split of each (sequence, KV head) combines the partials in the same
-    # kernel: contexts shorter than the split count (empty splits), a padded row, GQA 4, and twice in a row
-    # on the same counters (they must come back zeroed)
-    counters = split_counters(torch.device(DEVICE))
-    for seed in (0, 1):
-        _run_decode_case(dtype, 4, 64, 16, [1, 3, 37, 0, 150, 300], num_splits=num_splits, seed=seed + num_splits,
-                         use_out=True, counters=counters)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -402,40 +387,6 @@ def test_decode_and_prefill_cuda_graph_replay():
     assert torch.equal(out, eager)
     assert torch.count_nonzero(out[0]) == 0
     torch.testing.assert_close(out_p.float(), eager.float(), atol=2e-2, rtol=2e-2)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
-def test_decode_last_split_reduces_across_graph_replays():
-    # many splits racing to be last, replayed 50 times on new queries: every replay matches the reference
-    # (a missing memory-ordering guarantee would show as a stale partial now and then), counters stay 0
-    gen = _gen(23)
-    dtype = torch.bfloat16
-    ctx_lens = [1000, 37, 0, 513, 2000, 1, 777, 1500]
-    kv = PagedKV(ctx_lens, 8, 128, 16, dtype, gen)
-    q = _randn((8, 16, 128), gen, dtype)
-    out = torch.empty_like(q)
-    counters = split_counters(q.device)
-
-    def step():
-        paged_decode_attention(q, kv.k_cache, kv.v_cache, kv.block_tables, kv.context_lens, 0.1, num_splits=32,
-                               out=out, counters=counters)
-
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()
-    for _ in range(50):
-        q.copy_(_randn((8, 16, 128), gen, dtype))
-        g.replay()
-        ref = torch.stack([ref_attention(q[i:i + 1], kv.k_seq[i], kv.v_seq[i], [c - 1], 0.1)[0]
-                           for i, c in enumerate(ctx_lens)])
-        assert_close(out, ref, dtype)
-    assert torch.count_nonzero(counters) == 0
 
 
 def test_graph_batch_sizes():

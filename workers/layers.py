@@ -184,19 +184,14 @@ class TritonAttentionBackend:
         from workers.kernels import triton_attention
         self.kernels = triton_attention
         self.varlen = _torch_varlen_attention()
-        # decode's split counters (triton_attention.split_counters), made at the first decode: always an
-        # eager run, before any CUDA graph captures the kernels that use them
-        self.split_counters = None
 
     def store_kvcache(self, k, v, k_cache, v_cache, slot_mapping):
         self.kernels.store_kvcache(k, v, k_cache, v_cache, slot_mapping)
 
     def attention(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
         if meta.is_decode:
-            if self.split_counters is None:
-                self.split_counters = self.kernels.split_counters(q.device)
             return self.kernels.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
-                                                       scale, counters=self.split_counters)
+                                                       scale)
         if meta.prefix_free and self.varlen is not None:
             return self.varlen(q, k, v, meta.cu_seqlens_q, meta.max_seqlen_q, scale)
         return self.kernels.paged_prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens,

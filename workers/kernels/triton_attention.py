@@ -31,7 +31,6 @@ __all__ = [
     "paged_prefill_attention",
     "choose_num_splits",
     "prefill_seq_groups",
-    "split_counters",
 ]
 
 _LOG2E = 1.4426950408889634
@@ -211,7 +210,7 @@ def _split_len(ctx, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
 # unspecialized, or Triton would compile a new variant whenever it becomes (or stops being) a multiple of 16.
 @triton.jit(do_not_specialize=["stride_bt_b"])
 def _decode_split_kernel(
-    Q, KCache, VCache, BlockTables, ContextLens, Out, OWs, LseWs, Counters,
+    Q, KCache, VCache, BlockTables, ContextLens, Out, OWs, LseWs,
     stride_qb, stride_qh, stride_qd,
     stride_k_slot, stride_k_h, stride_v_slot, stride_v_h,
     stride_bt_b,
@@ -220,7 +219,6 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
-    LAST_SPLIT_REDUCES: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -268,35 +266,6 @@ def _decode_split_kernel(
         tl.store(LseWs + row, lse, mask=mask_hv)
         tl.store(OWs + row[:, None] * BLOCK_D + offs_d[None, :], o,
                  mask=mask_hv[:, None] & mask_d[None, :])
-        if LAST_SPLIT_REDUCES:
-            # The last of this (sequence, KV head)'s splits to finish combines the partials, instead of a
-            # second kernel (one launch fewer per layer: at batch 1 a launch costs more than the work).
-            # The counter's acq_rel atomic orders the other splits' stores before this split's loads; the
-            # last split puts it back to 0 for the next launch (CUDA-graph replays included).
-            counter = Counters + pid_b * tl.num_programs(1) + kvh
-            tl.debug_barrier()  # every thread's partial stores happen before the (one-thread) release below
-            if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
-                tl.store(counter, 0)
-                base = (pid_b.to(tl.int64) * (GROUP * tl.num_programs(1)) + heads) * NUM_SPLITS  # [BLOCK_H]
-                n_used = tl.cdiv(ctx, split_len)  # non-empty splits (0 when ctx == 0)
-                offs_s = tl.arange(0, BLOCK_S)
-                lse_all = tl.load(LseWs + base[:, None] + offs_s[None, :],
-                                  mask=mask_h[:, None] & (offs_s[None, :] < n_used), other=float("-inf"),
-                                  cache_modifier=".cg")
-                m = tl.max(lse_all, 1)
-                m = tl.where(m == float("-inf"), 0.0, m)
-                w = tl.exp2(lse_all - m[:, None])  # 0 for unused splits
-                denom = tl.sum(w, 1)
-                out = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-                for s in range(0, n_used):
-                    w_s = tl.sum(tl.where(offs_s[None, :] == s, w, 0.0), 1)
-                    o_s = tl.load(OWs + (base + s)[:, None] * BLOCK_D + offs_d[None, :],
-                                  mask=mask_h[:, None] & mask_d[None, :], other=0.0, cache_modifier=".cg")
-                    out += w_s[:, None] * o_s
-                out = out / tl.where(denom > 0.0, denom, 1.0)[:, None]
-                tl.store(Out + pid_b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh
-                         + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty),
-                         mask=mask_h[:, None] & mask_d[None, :])
 
 
 @triton.jit
@@ -375,33 +344,21 @@ def _decode_config(num_splits: int, block_d: int, elem_bytes: int):
     return 64, 4, 2
 
 
-def split_counters(device: torch.device) -> torch.Tensor:
-    """The zeroed int32 workspace that lets the last split of a decode reduce the others in the same
-    kernel (``paged_decode_attention(counters=...)``): one counter per (sequence, KV head), and splits are
-    only ever used below _SINGLE_SPLIT_PROGRAMS_PER_SM programs per SM, so this size always suffices.
-    Kernels leave it zeroed; keep one per device for as long as graphs that use it live."""
-    return torch.zeros(_SINGLE_SPLIT_PROGRAMS_PER_SM * device_sms(device), dtype=torch.int32, device=device)
-
-
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                           num_splits: Optional[int] = None, out: Optional[torch.Tensor] = None,
-                           counters: Optional[torch.Tensor] = None) -> torch.Tensor:
+                           num_splits: Optional[int] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Single-token (decode) attention over the paged KV cache.
 
     q: [B, num_q_heads, head_dim], the query of position context_lens[b] - 1 of each sequence.
     block_tables: int32 [B, max_blocks_per_seq]; context_lens: int32 [B] (0 = padded row -> zeros).
     Attends to KV positions [0, context_lens[b]). Returns out [B, num_q_heads, head_dim] (q's dtype
-    unless out is given). num_splits=None picks it from shapes (choose_num_splits). counters: a
-    ``split_counters`` workspace; with it the splits are combined inside the one kernel, without it by a
-    second (reduce) kernel.
+    unless out is given). num_splits=None picks it from shapes (choose_num_splits).
     """
-    return _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, out,
-                          counters=counters)
+    return _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, out)
 
 
 def _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=None, out=None,
-                   block_n=None, num_warps=None, num_stages=None, counters=None):
+                   block_n=None, num_warps=None, num_stages=None):
     """paged_decode_attention with the tuning knobs exposed (benchmarks, autotuning offline)."""
     _check_cache(k_cache, v_cache)
     batch, num_q_heads, head_dim = q.shape
@@ -439,14 +396,8 @@ def _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_s
     else:
         o_ws = lse_ws = out  # unused
 
-    fused_reduce = num_splits > 1 and counters is not None
-    if fused_reduce:
-        assert counters.dtype == torch.int32 and counters.numel() >= batch * num_kv_heads, \
-            f"counters must be int32 with >= {batch * num_kv_heads} entries (split_counters)"
-    block_s = triton.next_power_of_2(num_splits)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, o_ws, lse_ws,
-        counters if fused_reduce else context_lens,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
@@ -454,10 +405,10 @@ def _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_s
         scale * _LOG2E,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n,
         BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, IEEE=ieee,
-        LAST_SPLIT_REDUCES=fused_reduce, BLOCK_S=block_s,
         num_warps=num_warps, num_stages=num_stages,
     )
-    if num_splits > 1 and not fused_reduce:
+    if num_splits > 1:
+        block_s = triton.next_power_of_2(num_splits)
         _decode_reduce_kernel[(batch, num_q_heads)](
             o_ws, lse_ws, context_lens, out,
             out.stride(0), out.stride(1), out.stride(2),
