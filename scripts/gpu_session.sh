@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: GPU tests, then the benchmarks. Usage (from the repo root, on the device):
-#   bash scripts/gpu_session.sh [tests|bench|bench-fa3|bench-tp2|profile|cprofile|cprofile-latency|sweep|decode-step|fa3|latency|all]
+#   bash scripts/gpu_session.sh [tests|bench|bench-fa3|bench-tp2|profile|profile-latency|profile-prefill|cprofile|
+#                                cprofile-latency|sweep|probe|decode-step|fa3|latency|all]
 # BENCH_ARGS (e.g. "--attention-backend triton") go to bench.py and bench_latency.py; SWEEP_ARGS to kernel_sweep.py....
 # Writes logs and JSON under $OUT (or ./gpu_out). `profile` runs bench.py with the worker's torch-profiler
-# window (steps 300-330, NANOVLLM_PROFILE_DIR) and prints the device busy/idle share of that window.
+# window (steps 300-330, NANOVLLM_PROFILE_DIR) and prints the device busy/idle share of that window;
+# `profile-latency` does the same over batch-1 decode steps of bench_latency.py (PROFILE_BATCH, PROFILE_STEPS),
+# `profile-prefill` over bench.py's first prefill steps. `probe` runs scripts/probe.py (PROBE_ARGS).
 # `fa3` (not in `all`) runs the flash-attn tests and scripts/attention_yardstick.py (Triton vs FlashAttention-3).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1

@@ -1,6 +1,13 @@
-"""GPU only, exploratory: candidate kernels against what the engine runs now (not part of the product).
+"""GPU only, exploratory: candidate kernels against what the engine runs (the engine does not import this).
 
-    python scripts/probe.py [--json out.json] [--only attn,gemm,sampler]
+    python scripts/probe.py [--json out.json] [--only small,sampler,attn,gemm]
+
+- small: workers.kernels.small_linear against cuBLAS at 1-4 rows (and cuBLAS at 8), per Qwen3-0.6B layer GEMM;
+- sampler: Gumbel-max variants (exact log, log2, libdevice fast_logf, one hash round) at batch 1-256;
+- attn: the decode kernel over splits x tile x warps x stages at batch 256 / 128 / 64 / 8;
+- gemm: cuBLAS vs cuBLASLt vs tensor-core and CUDA-core Triton GEMMs at 1-16,384 rows.
+Timings are CUDA graphs of 28 back-to-back calls on distinct memory (kernel_sweep.graph_time). Results of the
+2026-11-22 runs: docs/benchmarks.md, "Probes of this session".
 """
 
 from __future__ import annotations
@@ -287,7 +294,7 @@ def probe_small_linear(bw, results):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--json")
-    p.add_argument("--only", default="sampler,attn,gemm")
+    p.add_argument("--only", default="small,sampler,attn,gemm")
     args = p.parse_args()
     bw = measure_copy_bandwidth()
     print(f"copy bandwidth {bw / 1e9:,.0f} GB/s")
