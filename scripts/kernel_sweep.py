@@ -54,6 +54,23 @@ def graph_time(fn, repeats: int = LAYERS, iters: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def paged_caches(ctx, dev, max_blocks: int):
+    """One bf16 K/V cache per layer holding the given contexts in shuffled blocks: (caches, block table,
+    context lengths), Qwen3-0.6B heads, block size BLOCK."""
+    blocks_needed = sum(-(-c // BLOCK) for c in ctx)
+    caches = [(torch.randn(blocks_needed + 1, BLOCK, HKV, D, device=dev, dtype=torch.bfloat16),
+               torch.randn(blocks_needed + 1, BLOCK, HKV, D, device=dev, dtype=torch.bfloat16))
+              for _ in range(LAYERS)]
+    perm = torch.randperm(blocks_needed, device="cpu").tolist()
+    table = torch.zeros(len(ctx), max_blocks, dtype=torch.int32)
+    used = 0
+    for b, c in enumerate(ctx):
+        n = -(-c // BLOCK)
+        table[b, :n] = torch.tensor(perm[used:used + n])
+        used += n
+    return caches, table.to(dev), torch.tensor(ctx, dtype=torch.int32, device=dev)
+
+
 def contexts(batch: int, rng: random.Random):
     """Contexts of the B survivors at the step where bench.py's batch has shrunk to B."""
     step = int(100 + 924 * (1 - batch / 256))  # outputs U[100, 1024]: B = 256 * P(output > step)
@@ -74,19 +91,7 @@ def main() -> None:
     print(f"\n{'B':>4} {'mean ctx':>8} {'S':>3} {'us/layer':>9} {'% of floor':>10}")
     for batch in () if args.skip_attention else (256, 192, 128, 96, 64, 48, 32, 16, 8, 1):
         ctx = contexts(batch, rng)
-        blocks_needed = sum(-(-c // BLOCK) for c in ctx)
-        caches = [(torch.randn(blocks_needed + 1, BLOCK, HKV, D, device=dev, dtype=torch.bfloat16),
-                   torch.randn(blocks_needed + 1, BLOCK, HKV, D, device=dev, dtype=torch.bfloat16))
-                  for _ in range(LAYERS)]
-        perm = torch.randperm(blocks_needed, device="cpu").tolist()
-        table = torch.zeros(batch, max_blocks, dtype=torch.int32)
-        used = 0
-        for b, c in enumerate(ctx):
-            n = -(-c // BLOCK)
-            table[b, :n] = torch.tensor(perm[used:used + n])
-            used += n
-        table = table.to(dev)
-        lens = torch.tensor(ctx, dtype=torch.int32, device=dev)
+        caches, table, lens = paged_caches(ctx, dev, max_blocks)
         q = torch.randn(batch, HQ, D, device=dev, dtype=torch.bfloat16)
         out = torch.empty_like(q)
         floor = sum(ctx) * HKV * D * 2 * 2 / bw
