@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: GPU tests, then the benchmarks. Usage (from the repo root, on the device):
 #   bash scripts/gpu_session.sh [tests|bench|bench-fa3|bench-tp2|profile|profile-latency|profile-prefill|cprofile|
-#                                cprofile-latency|sweep|probe|decode-step|fa3|latency|all]
+#                                cprofile-latency|sweep|probe|decode-step|fa3|latency|pytest|all]
 # BENCH_ARGS (e.g. "--attention-backend triton") go to bench.py and bench_latency.py; SWEEP_ARGS to kernel_sweep.py....
 # Writes logs and JSON under $OUT (or ./gpu_out). `profile` runs bench.py with the worker's torch-profiler
 # window (steps 300-330, NANOVLLM_PROFILE_DIR) and prints the device busy/idle share of that window;
 # `profile-latency` does the same over batch-1 decode steps of bench_latency.py (PROFILE_BATCH, PROFILE_STEPS),
-# `profile-prefill` over bench.py's first prefill steps. `probe` runs scripts/probe.py (PROBE_ARGS).
+# `profile-prefill` over bench.py's first prefill steps. `probe` runs scripts/probe.py (PROBE_ARGS), `pytest`
+# pytest with PYTEST_ARGS (default tests/test_gpu.py).
 # `fa3` (not in `all`) runs the flash-attn tests and scripts/attention_yardstick.py (Triton vs FlashAttention-3).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -32,6 +33,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.t
 for what in "${@:-all}"; do
   case $what in
     tests|all) python3 -m pytest -q -x tests/test_gpu.py tests/test_sampler.py tests/test_fused_kernels.py tests/test_triton_kernels.py 2>&1 | tee "$OUT/tests.log" | tail -3 ;;&
+    pytest) python3 -m pytest -q -rs ${PYTEST_ARGS:-tests/test_gpu.py} 2>&1 | tee "$OUT/pytest.log" | tail -8 ;;&
     bench|all) NANOVLLM_STEP_TIMING=1 python3 bench.py --runs 2 ${BENCH_ARGS:-} --json "$OUT/bench.json" 2>&1 | grep -v "^W1122" | tee "$OUT/bench.log" ;;&
     bench-fa3) NANOVLLM_STEP_TIMING=1 python3 bench.py --runs 2 --attention-backend flash_attn --json "$OUT/bench_fa3.json" 2>&1 | grep -v "^W1122" | tee "$OUT/bench_fa3.log" ;;&
     bench-tp2|all) NANOVLLM_STEP_TIMING=1 python3 bench.py --tp 2 --json "$OUT/bench_tp2.json" 2>&1 | grep -v "^W1122" | tee "$OUT/bench_tp2.log" ;;&

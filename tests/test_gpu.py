@@ -29,13 +29,17 @@ def test_greedy_float32_matches_transformers(tiny_models, tp, eager):
     assert [o.token_ids for o in again] == ref
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "qwen2"])  # qwen2: q/k/v biases
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama-uneven"])  # q/k/v biases; uneven head split at TP 2
 @pytest.mark.parametrize("eager", [True, False], ids=["eager", "graphs"])
-def test_small_batches_match_transformers(tiny_models, arch, eager):
-    """Decode batches of 1 row (projections in workers.kernels.small_linear, the 1-row graph) and of 3 rows
-    (cuBLAS, padded to the 8-row graph)."""
+def test_small_batches_match_transformers(tiny_models, arch, eager, tp):
+    """Decode batches of 1 row (projections in workers.kernels.small_linear with the norms fused in, the
+    1-row graph) and of 3 rows (cuBLAS, padded to the 8-row graph)."""
+    if tp > torch.cuda.device_count():
+        pytest.skip(f"needs {tp} GPUs")
     path = tiny_models[arch]
-    with LLM(path, dtype="float32", enforce_eager=eager, attention_backend="triton", max_model_len=256) as llm:
+    with LLM(path, tensor_parallel_size=tp, dtype="float32", enforce_eager=eager, attention_backend="triton",
+             max_model_len=256) as llm:
         one = llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)
         three = llm.generate(PROMPTS[1:4], GREEDY, use_tqdm=False)
     assert [o.token_ids for o in one] == hf_greedy(path, PROMPTS[:1], MAX_TOKENS)
