@@ -107,8 +107,9 @@ def probe_attention(bw, results):
         rows.sort()
         base = [r for r in rows if r[1] == default_s and r[2] == 64 and r[3] == 4 and r[4] == 2]
         if base:
-            print(f"B={batch} ctx~{sum(ctx) / batch:.0f}: current (S={default_s} bn64 w4 st2) {base[0][0] * 1e6:.1f} us "
-                  f"({100 * floor / base[0][0]:.1f}%)")
+            t0 = base[0][0]
+            print(f"B={batch} ctx~{sum(ctx) / batch:.0f}: S={default_s} bn64 w4 st2 {t0 * 1e6:.1f} us "
+                  f"({100 * floor / t0:.1f}%)")
         for t, s, bn, w, st in rows[:5]:
             print(f"   S={s:>2} bn={bn:>3} w={w} st={st}: {t * 1e6:7.1f} us ({100 * floor / t:.1f}%)")
         del caches

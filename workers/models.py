@@ -155,7 +155,6 @@ class DecoderLayer(nn.Module):
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
-
     def _one_row_kernels_fit(self, hidden: torch.Tensor) -> bool:
         from workers.kernels.small_linear import supports, weight_fits
         return (supports(hidden, self.self_attn.qkv_proj.weight) and weight_fits(self.mlp.gate_up_proj.weight)

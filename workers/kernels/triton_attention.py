@@ -313,8 +313,9 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_blocks_per_seq: int, bl
     """Number of KV splits for decode, from static shapes only (CUDA-graph safe).
 
     1 when batch * num_kv_heads >= _SINGLE_SPLIT_PROGRAMS_PER_SM * num_sms; else the smallest power of two
-    S with batch * num_kv_heads * S >= _PROGRAMS_PER_SM * num_sms (enough programs to fill the GPU), capped so that a split of the largest possible context
-    (max_blocks_per_seq * block_size) still holds >= _MIN_TOKENS_PER_SPLIT tokens, and at _MAX_SPLITS.
+    S with batch * num_kv_heads * S >= _PROGRAMS_PER_SM * num_sms (enough programs to fill the GPU),
+    capped so that a split of the largest possible context (max_blocks_per_seq * block_size) still holds
+    >= _MIN_TOKENS_PER_SPLIT tokens, and at _MAX_SPLITS.
     At run time each sequence's own context is divided evenly among the S splits.
     """
     base = max(1, batch * num_kv_heads)
