@@ -276,6 +276,14 @@ def fill_defaults(args, small: bool) -> None:
             setattr(args, name, value)
 
 
+def model_source(args, small: bool, tmp: str) -> tuple:
+    """(model path, load_format) for the engine: --model as given, else Qwen3-0.6B's (or, small, a tiny
+    Qwen3's) config.json written into tmp, with dummy weights."""
+    if args.model:
+        return args.model, args.load_format or "auto"
+    return write_config_dir(TINY_QWEN3 if small else QWEN3_0_6B, tmp), args.load_format or "dummy"
+
+
 def engine_kwargs(args, load_format: str) -> dict:
     return dict(tensor_parallel_size=args.tp, dtype=args.dtype, max_model_len=args.max_model_len,
                 enforce_eager=args.enforce_eager, attention_backend=args.attention_backend,
@@ -397,11 +405,7 @@ def main(argv=None) -> dict:
         print(f"copy bandwidth: {bandwidth / 1e9:,.0f} GB/s (1 GiB device-to-device copy on cuda:0, read + write)")
 
     with tempfile.TemporaryDirectory(prefix="nanovllm-bench-") as tmp:
-        if args.model:
-            model, load_format = args.model, args.load_format or "auto"
-        else:
-            model = write_config_dir(TINY_QWEN3 if small else QWEN3_0_6B, tmp)
-            load_format = args.load_format or "dummy"
+        model, load_format = model_source(args, small, tmp)
         with LLM(model, **engine_kwargs(args, load_format)) as llm:
             config = llm.llm_engine.config
             cfg, tp = config.hf_config, config.tensor_parallel_size

@@ -21,8 +21,8 @@ import statistics
 import tempfile
 import time
 
-from bench import (MAX_TOKEN_ID, QWEN3_0_6B, TINY_QWEN3, WARMUP_PROMPT, add_engine_args, cuda_available,
-                   engine_kwargs, probe_device, write_config_dir, write_json)
+from bench import (MAX_TOKEN_ID, WARMUP_PROMPT, add_engine_args, cuda_available, engine_kwargs, model_source,
+                   probe_device, write_json)
 from nanovllm import LLM, SamplingParams
 
 FULL_DEFAULTS = dict(batch_sizes="1,8,64", input_len=512, output_len=256)
@@ -91,11 +91,7 @@ def main(argv=None) -> dict:
               f"batch {args.batch_sizes}, {args.input_len} prompt / {args.output_len} output tokens")
 
     with tempfile.TemporaryDirectory(prefix="nanovllm-bench-") as tmp:
-        if args.model:
-            model, load_format = args.model, args.load_format or "auto"
-        else:
-            model = write_config_dir(TINY_QWEN3 if small else QWEN3_0_6B, tmp)
-            load_format = args.load_format or "dummy"
+        model, load_format = model_source(args, small, tmp)
         with LLM(model, max_num_seqs=max(256, *batch_sizes), **engine_kwargs(args, load_format)) as llm:
             config = llm.llm_engine.config
             max_token_id = min(MAX_TOKEN_ID, config.hf_config["vocab_size"] - 1)
