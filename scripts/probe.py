@@ -1,10 +1,11 @@
 """GPU only, exploratory: candidate kernels against what the engine runs (the engine does not import this).
 
-    python scripts/probe.py [--json out.json] [--only small,attn,gemm]
+    python scripts/probe.py [--json out.json] [--only small,attn,dgemm]
 
 - small: workers.kernels.small_linear against cuBLAS at 1-4 rows (and cuBLAS at 8), per Qwen3-0.6B layer GEMM;
 - attn: the decode kernel over splits x tile x warps x stages at batch 256 / 128 / 64 / 8;
-- gemm: cuBLAS vs cuBLASLt vs tensor-core and CUDA-core Triton GEMMs at 1-16,384 rows.
+- dgemm: workers.kernels.decode_gemm (block sizes x split-K x stages) against cuBLAS at 8-256 rows, with the
+  following RMSNorm where the output is the hidden size (the consumer of the split-K partial sums).
 Timings are CUDA graphs of 28 back-to-back calls on distinct memory (kernel_sweep.graph_time). Results of the
 2026-11-22 runs: docs/benchmarks.md, "Probes of this session" (the sampler variants there were timed with
 this script's earlier version, at commit `dc56805`).
@@ -33,49 +34,6 @@ from workers.kernels.triton_attention import device_sms  # noqa: E402
 HQ, HKV, D, LAYERS, HIDDEN, INTER, VOCAB, BLOCK = 16, 8, 128, 28, 1024, 3072, 151936, 16
 SHAPES = {"qkv": (HIDDEN, (HQ + 2 * HKV) * D), "o": (HQ * D, HIDDEN), "gate_up": (HIDDEN, 2 * INTER),
           "down": (INTER, HIDDEN)}
-
-
-@triton.jit
-def _dot_linear(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=mask_m[:, None], other=0.0)
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + (k0 + offs_k)[None, :])
-        acc = tl.dot(x, tl.trans(w), acc)
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=mask_m[:, None])
-
-
-@triton.jit
-def _fma_linear(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
-    # rows of x one at a time on CUDA cores: for M <= 8, no padding of M to 16
-    pid_n = tl.program_id(0)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    for m in tl.static_range(BLOCK_M):
-        if m < M:
-            acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-            for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-                w = tl.load(w_ptr + offs_n[:, None] * stride_wn + (k0 + offs_k)[None, :])
-                x = tl.load(x_ptr + m * stride_xm + k0 + offs_k)
-                acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-            tl.store(y_ptr + m * stride_ym + offs_n, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty))
-
-
-def run_linear(kernel, x, w, y, bm, bn, bk, stages, warps):
-    m, k = x.shape
-    n = w.shape[0]
-    grid = (triton.cdiv(n, bn), triton.cdiv(m, bm) if kernel is _dot_linear else 1)
-    kernel[grid](x, w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                 STAGES=stages, num_warps=warps)
 
 
 def probe_attention(bw, results):
@@ -115,74 +73,78 @@ def probe_attention(bw, results):
         del caches
 
 
-def probe_gemm(bw, results):
+def probe_decode_gemm(bw, results):
+    """workers.kernels.decode_gemm over block sizes x split-K x stages against cuBLAS, per layer GEMM and
+    batch; for split K also with the partial sums consumed by fused.rmsnorm (what the model runs)."""
+    from workers.kernels import decode_gemm as dg
+    from workers.kernels.fused import rmsnorm, silu_and_mul
     dev = torch.device("cuda")
-    print(f"\n== GEMMs per layer (us), 28 distinct weights per graph")
+    print("\n== decode GEMMs per layer (us), 28 distinct weights per graph")
     weights = {name: [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(LAYERS)]
                for name, (k, n) in SHAPES.items()}
-    for m in (1, 8, 16, 32, 64, 128, 256, 16384):
-        for name, (k, n) in SHAPES.items():
-            ws = weights[name]
+    norm_w = torch.ones(HIDDEN, device=dev, dtype=torch.bfloat16)
+    for m in (8, 16, 32, 64, 128, 256):
+        for name, (k, n) in list(SHAPES.items()) + [("gate_up+silu", SHAPES["gate_up"])]:
+            silu = name == "gate_up+silu"
+            ws = weights["gate_up" if silu else name]
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-            ref = torch.nn.functional.linear(x, ws[0]).float()
-            line = {}
-            for lib in ("cublas", "cublaslt"):
-                torch.backends.cuda.preferred_blas_library(lib)
-                line[lib] = graph_time(lambda i: torch.nn.functional.linear(x, ws[i]), repeats=LAYERS)
-            torch.backends.cuda.preferred_blas_library("cublas")
-            best = None
-            if m <= 256:
-                y = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
-                configs = []
-                if m <= 16:
-                    configs += [(_dot_linear, 16, bn, bk, st, w) for bn in (16, 32, 64) for bk in (128, 256)
-                                for st in (2, 4) for w in (2, 4)]
-                    if m <= 8:
-                        configs += [(_fma_linear, m, bn, bk, st, w) for bn in (8, 16) for bk in (256, 512)
-                                    for st in (2, 4) for w in (4,)]
-                elif m <= 64:
-                    configs += [(_dot_linear, bm, bn, bk, st, w) for bm in (16, 32, 64) for bn in (32, 64)
-                                for bk in (64, 128) for st in (3, 4) for w in (4,)]
-                else:
-                    configs += [(_dot_linear, bm, bn, bk, st, w) for bm in (64, 128) for bn in (64, 128)
-                                for bk in (64, 128) for st in (3, 4) for w in (4, 8)]
-                for cfg in configs:
-                    kern, bm, bn, bk, st, w = cfg
-                    if k % bk or n % bn:
+            ref = torch.nn.functional.linear(x, ws[0])
+            if silu:
+                ref = silu_and_mul(ref)
+                cublas = graph_time(lambda i: silu_and_mul(torch.nn.functional.linear(x, ws[i])))
+            else:
+                cublas = graph_time(lambda i: torch.nn.functional.linear(x, ws[i]))
+            ref = ref.float()
+            res = torch.randn(m, HIDDEN, device=dev, dtype=torch.bfloat16)
+            cublas_norm = graph_time(lambda i: rmsnorm(torch.nn.functional.linear(x, ws[i]), norm_w, 1e-6, res)) \
+                if n == HIDDEN else None
+            bms = [max(16, triton.next_power_of_2(m))] if m <= 64 else [64, 128]
+            if m == 64:
+                bms = [32, 64]
+            tiles_nk = [(bn, bk) for bn in (32, 64, 128) for bk in (64, 128)] + [(32, 256)]
+            configs = [dg.GemmConfig(bm, bn, bk, sk, st, 8 if bm * bn >= 128 * 128 else 4)
+                       for bm in bms for bn, bk in tiles_nk for sk in (1, 2, 4, 8) for st in (3, 5)
+                       if not (silu and sk > 1)]
+            out_n = n // 2 if silu else n
+            timed = []
+            for cfg in configs:
+                if not dg.tiles(cfg, m, out_n, k):
+                    continue
+                try:
+                    y = dg.reduce_splits(dg.decode_gemm(x, ws[0], cfg, silu_mul=silu)).float()
+                    err = (y - ref).abs().max().item() / (ref.abs().max().item() + 1e-6)
+                    if err > 2e-2:
+                        print(f"   {name} m={m} {cfg}: wrong (rel {err:.2e})")
                         continue
-                    try:
-                        run_linear(kern, x, ws[0], y, bm, bn, bk, st, w)
-                        err = (y.float() - ref).abs().max().item() / (ref.abs().max().item() + 1e-6)
-                        if err > 2e-2:
-                            print(f"   {name} m={m} {kern.__name__} {cfg[1:]}: wrong (rel {err:.2e})")
-                            continue
-                        t = graph_time(lambda i: run_linear(kern, x, ws[i], y, bm, bn, bk, st, w), repeats=LAYERS)
-                    except Exception as e:  # noqa: BLE001
-                        print(f"   {name} m={m} {kern.__name__} {cfg[1:]}: {type(e).__name__} {str(e)[:80]}")
-                        continue
-                    if best is None or t < best[0]:
-                        best = (t, kern.__name__, cfg[1:])
+                    t = graph_time(lambda i: dg.decode_gemm(x, ws[i], cfg, silu_mul=silu))
+                    t_norm = None
+                    if n == HIDDEN:
+                        t_norm = graph_time(lambda i: rmsnorm(dg.decode_gemm(x, ws[i], cfg), norm_w, 1e-6, res))
+                except Exception as e:  # noqa: BLE001
+                    print(f"   {name} m={m} {cfg}: {type(e).__name__} {str(e)[:80]}")
+                    continue
+                timed.append((t_norm if t_norm is not None else t, t, cfg))
+            timed.sort(key=lambda r: r[0])
             floor = n * k * 2 / bw
-            extra = f"  triton best {best[0] * 1e6:6.1f} {best[1]} {best[2]}" if best else ""
-            print(f"M={m:>5} {name:>8}: cublas {line['cublas'] * 1e6:7.1f}  cublaslt {line['cublaslt'] * 1e6:7.1f}"
-                  f"  floor {floor * 1e6:5.1f}{extra}")
-            results["gemm"].append(dict(m=m, name=name, cublas=line["cublas"], cublaslt=line["cublaslt"],
-                                        triton=best[0] if best else None, triton_cfg=str(best[1:]) if best else None,
-                                        floor_s=floor))
+            with_norm = f" (+norm {cublas_norm * 1e6:5.1f})" if cublas_norm else ""
+            print(f"M={m:>4} {name:>12}: cublas {cublas * 1e6:6.1f}{with_norm}  floor {floor * 1e6:5.1f}  best: "
+                  + "; ".join(f"{tt * 1e6:5.1f} ({t * 1e6:5.1f}) {tuple(c)}" for tt, t, c in timed[:3]), flush=True)
+            results["decode_gemm"].append(dict(m=m, name=name, cublas=cublas, cublas_norm=cublas_norm, floor_s=floor,
+                                               best=[(tt, t, tuple(c)) for tt, t, c in timed[:8]]))
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--json")
-    p.add_argument("--only", default="small,attn,gemm")
+    p.add_argument("--only", default="small,attn,dgemm")
     args = p.parse_args()
     bw = measure_copy_bandwidth()
     print(f"copy bandwidth {bw / 1e9:,.0f} GB/s")
-    results = {"copy_bandwidth": bw, "attention": [], "gemm": [], "small_linear": []}
+    results = {"copy_bandwidth": bw, "attention": [], "decode_gemm": [], "small_linear": []}
     parts = args.only.split(",")
     t0 = time.time()
     for part, fn in (("small", lambda: probe_small_linear(bw, results)), ("attn", lambda: probe_attention(bw, results)),
-                     ("gemm", lambda: probe_gemm(bw, results))):
+                     ("dgemm", lambda: probe_decode_gemm(bw, results))):
         if part in parts:
             fn()
             print(f"[{part} done at {time.time() - t0:.0f} s]", flush=True)

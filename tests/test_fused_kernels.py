@@ -172,3 +172,41 @@ def test_silu_mul_linear_against_float64(dtype):
     act = (gate * torch.sigmoid(gate)).to(dtype) * up  # silu rounded to the dtype, then the product
     ref = act.double() @ w.double().T
     assert close(small_linear.silu_mul_linear(gate_up, w), ref.to(dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k,split,silu,bias", [(5, 64, 128, 1, False, False), (20, 64, 256, 2, False, True),
+                                                   (33, 128, 128, 1, True, True), (3, 32, 256, 4, False, False),
+                                                   (16, 96, 64, 1, True, False)])
+def test_decode_gemm_against_float64(dtype, m, n, k, split, silu, bias):
+    from workers.kernels import decode_gemm as dg
+
+    torch.manual_seed(m + n + k)
+    x = torch.randn(m, k, dtype=dtype, device=DEVICE)
+    w = torch.randn(n, k, dtype=dtype, device=DEVICE) / k ** 0.5
+    b = torch.randn(n, dtype=dtype, device=DEVICE) if bias else None
+    ref = x.double() @ w.double().T + (b.double() if bias else 0)
+    if silu:  # the unfused path rounds the projection to the dtype before silu_and_mul
+        gate, up = ref.to(dtype).double().chunk(2, -1)
+        ref = gate * torch.sigmoid(gate) * up
+    config = dg.GemmConfig(block_m=16 if m <= 16 else 32, block_n=16 if n // (2 if silu else 1) % 32 else 32,
+                           block_k=32, split_k=split, stages=2, warps=4)
+    y = dg.decode_gemm(x, w, config, b, silu_mul=silu)
+    assert isinstance(y, dg.SplitSums) == (split > 1)
+    assert close(dg.reduce_splits(y), ref.to(dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rmsnorm_adds_up_split_sums(dtype):
+    from workers.kernels import decode_gemm as dg
+
+    torch.manual_seed(1)
+    # multiples of 1/16: every partial sum is exact in float32, so only the final rounding to dtype remains
+    parts = torch.randint(-64, 64, (3, 6, 200), device=DEVICE).float() / 16
+    r = torch.randn(6, 200, dtype=dtype, device=DEVICE)
+    w = torch.rand(200, dtype=dtype, device=DEVICE) + 0.5
+    x = parts.double().sum(0).to(dtype)  # the projection's output, rounded once
+    out, res = fused.rmsnorm(dg.SplitSums(parts, dtype), w, 1e-6, r)
+    assert torch.equal(res, x + r)
+    assert close(out, ref_rmsnorm(x + r, w, 1e-6), dtype)
+    assert close(fused.rmsnorm(dg.SplitSums(parts, dtype), w, 1e-6), ref_rmsnorm(x, w, 1e-6), dtype)

@@ -13,14 +13,23 @@ import torch
 import triton
 import triton.language as tl
 
+from workers.kernels.decode_gemm import SplitSums
+
 
 @triton.jit
-def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, stride_o, stride_ro,
-                        n_cols, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_xs, stride_r, stride_o,
+                        stride_ro, n_cols, eps, HAS_RES: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if SPLITS == 0:
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    else:
+        # x is a projection's float32 split-K partial sums [SPLITS, rows, n_cols]: add them up and round once
+        acc = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        for s in tl.static_range(1, SPLITS):
+            acc += tl.load(x_ptr + s * stride_xs + row * stride_x + cols, mask=mask, other=0.0)
+        x = acc.to(out_ptr.dtype.element_ty)
     if HAS_RES:
         # the sum is rounded to the model dtype first, exactly like ``x + residual`` in torch
         x = x + tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
@@ -32,22 +41,32 @@ def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, s
     tl.store(out_ptr + row * stride_o + cols, normed * w, mask=mask)
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None):
-    """RMSNorm over the last dim; with ``residual``: (norm(x + residual), x + residual)."""
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    out = torch.empty_like(x2)
+def rmsnorm(x, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None):
+    """RMSNorm over the last dim; with ``residual``: (norm(x + residual), x + residual).
+
+    ``x`` may also be a projection's split-K partial sums (``decode_gemm.SplitSums``), which are added up
+    and rounded to the model dtype here, so the split costs no kernel of its own."""
+    splits = 0
+    if isinstance(x, SplitSums):
+        splits, x2, dtype = x.parts.shape[0], x.parts, x.dtype
+        shape, stride_xs = x2.shape[1:], x2.stride(0)
+        x2 = x2[0]
+    else:
+        shape, dtype, stride_xs = x.shape, x.dtype, 0
+        x2 = x.reshape(-1, shape[-1])
+    out = torch.empty(x2.shape, dtype=dtype, device=x2.device)
     rows, cols = x2.shape
     block = triton.next_power_of_2(cols)
     warps = 1 if block <= 256 else (4 if block <= 2048 else 8)
     if residual is None:
-        _add_rmsnorm_kernel[(rows,)](x2, x2, weight, out, out, x2.stride(0), 0, out.stride(0), 0, cols, eps,
-                                     HAS_RES=False, BLOCK=block, num_warps=warps)
+        _add_rmsnorm_kernel[(rows,)](x2, x2, weight, out, out, x2.stride(0), stride_xs, 0, out.stride(0), 0, cols,
+                                     eps, HAS_RES=False, SPLITS=splits, BLOCK=block, num_warps=warps)
         return out.view(shape)
     r2 = residual.reshape(-1, shape[-1])
-    res_out = torch.empty_like(x2)
-    _add_rmsnorm_kernel[(rows,)](x2, r2, weight, out, res_out, x2.stride(0), r2.stride(0), out.stride(0),
-                                 res_out.stride(0), cols, eps, HAS_RES=True, BLOCK=block, num_warps=warps)
+    res_out = torch.empty_like(out)
+    _add_rmsnorm_kernel[(rows,)](x2, r2, weight, out, res_out, x2.stride(0), stride_xs, r2.stride(0),
+                                 out.stride(0), res_out.stride(0), cols, eps, HAS_RES=True, SPLITS=splits,
+                                 BLOCK=block, num_warps=warps)
     return out.view(shape), res_out.view(shape)
 
 
