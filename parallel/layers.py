@@ -25,13 +25,21 @@ def _divide(numerator: int, denominator: int, what: str) -> int:
     return numerator // denominator
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """F.linear, except for a single row on CUDA, where a Triton kernel reads the weight faster than cuBLAS
-    (workers.kernels.small_linear; imported lazily so CPU-only use never needs triton)."""
-    if x.is_cuda and x.dim() == 2 and x.shape[0] == 1:
-        from workers.kernels import small_linear
-        if small_linear.supports(x, weight):
-            return small_linear.small_linear(x, weight, bias)
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, allow_split: bool = False):
+    """F.linear, except at decode batch sizes on CUDA, where Triton kernels read the weight faster than
+    cuBLAS: workers.kernels.small_linear for one row, workers.kernels.decode_gemm for up to 256 (imported
+    lazily so CPU-only use never needs triton). With ``allow_split`` the result may be decode_gemm's
+    ``SplitSums`` (float32 partial sums over K) instead of a tensor."""
+    if x.is_cuda and x.dim() == 2:
+        if x.shape[0] == 1:
+            from workers.kernels import small_linear
+            if small_linear.supports(x, weight):
+                return small_linear.small_linear(x, weight, bias)
+        else:
+            from workers.kernels import decode_gemm
+            config = decode_gemm.choose_config(x, weight, allow_split=allow_split)
+            if config is not None:
+                return decode_gemm.decode_gemm(x, weight, config, bias)
     return F.linear(x, weight, bias)
 
 
@@ -150,11 +158,19 @@ class RowParallelLinear(nn.Module):
     def load_full(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         param.data.copy_(loaded)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.reduce(_linear(x, self.weight))
+    def forward(self, x: torch.Tensor):
+        return self.reduce(_linear(x, self.weight, allow_split=True))
 
-    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
-        """This rank's x W^T (however it was computed) -> the layer's output: all-reduce, then the bias."""
+    def reduce(self, partial):
+        """This rank's x W^T (however it was computed) -> the layer's output: all-reduce, then the bias.
+
+        Split-K partial sums (workers.kernels.decode_gemm.SplitSums) pass through unreduced on one rank
+        without a bias: the RMSNorm that consumes the output adds them up (fused.rmsnorm)."""
+        if not isinstance(partial, torch.Tensor):
+            if self.ctx.world_size == 1 and self.bias is None:
+                return partial
+            from workers.kernels.decode_gemm import reduce_splits
+            partial = reduce_splits(partial)
         y = self.ctx.all_reduce(partial)
         return y + self.bias if self.bias is not None else y
 

@@ -38,6 +38,9 @@ def make_config(arch: str, **overrides):
     kw = dict(TINY, **overrides)
     if arch == "qwen3":
         return Qwen3Config(head_dim=16, tie_word_embeddings=False, **kw)
+    if arch == "qwen3-wide":  # wide enough that decode_gemm splits o_proj / down_proj over K on the GPU
+        kw.update(hidden_size=256, intermediate_size=512)
+        return Qwen3Config(head_dim=64, tie_word_embeddings=False, **kw)
     if arch == "qwen2":
         return Qwen2Config(tie_word_embeddings=True, **kw)
     if arch == "llama":
@@ -72,7 +75,8 @@ def write_tiny_model(path: str, arch: str, seed: int = 0, **overrides) -> str:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    return {arch: write_tiny_model(str(root / arch), arch) for arch in ("qwen3", "qwen2", "llama", "llama3-scaled", "llama-uneven")}
+    return {arch: write_tiny_model(str(root / arch), arch) for arch in ("qwen3", "qwen3-wide", "qwen2", "llama", "llama3-scaled",
+                                                                         "llama-uneven")}
 
 
 def hf_greedy(model_dir: str, prompts, max_new_tokens: int):

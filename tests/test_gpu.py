@@ -30,11 +30,13 @@ def test_greedy_float32_matches_transformers(tiny_models, tp, eager):
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama-uneven"])  # q/k/v biases; uneven head split at TP 2
+# q/k/v biases; uneven head split at TP 2; split-K partial sums (qwen3-wide)
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3-wide", "qwen2", "llama-uneven"])
 @pytest.mark.parametrize("eager", [True, False], ids=["eager", "graphs"])
 def test_small_batches_match_transformers(tiny_models, arch, eager, tp):
     """Decode batches of 1 row (projections in workers.kernels.small_linear with the norms fused in, the
-    1-row graph) and of 3 rows (cuBLAS, padded to the 8-row graph)."""
+    1-row graph) and of 3 rows (workers.kernels.decode_gemm, padded to the 8-row graph; qwen3-wide's o and
+    down projections split K, and the next RMSNorm adds the partial sums)."""
     if tp > torch.cuda.device_count():
         pytest.skip(f"needs {tp} GPUs")
     path = tiny_models[arch]
@@ -56,14 +58,15 @@ def test_chunked_prefill_next_to_decodes_matches_transformers(tiny_models):
     assert [o.token_ids for o in outs] == hf_greedy(path, PROMPTS, MAX_TOKENS)
 
 
-def test_bf16_graph_logits_match_eager(tiny_models):
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3-wide"])
+def test_bf16_graph_logits_match_eager(tiny_models, arch):
     """Replay a captured decode graph and run the same step eagerly: bf16 logits agree."""
     from parallel.distributed import ParallelContext
     from parallel.protocol import NewRequest, SamplingFields, StepPlan
     from workers.model_runner import ModelRunner
     from nanovllm.config import EngineConfig
 
-    cfg = EngineConfig(model=tiny_models["qwen3"], dtype="bfloat16", max_model_len=256, max_num_seqs=8).finalize()
+    cfg = EngineConfig(model=tiny_models[arch], dtype="bfloat16", max_model_len=256, max_num_seqs=8).finalize()
     runner = ModelRunner(cfg.to_worker_config("none"), ParallelContext(0, 1), torch.device("cuda", 0))
     runner.allocate_kv_cache(64)
     assert runner.graphs

@@ -20,9 +20,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
-        """Plain norm, or (when ``residual`` is given) residual-add then norm, returning both."""
-        if x.is_cuda:  # one fused kernel (workers.kernels.fused) instead of ~8
+    def forward(self, x, residual: Optional[torch.Tensor] = None):
+        """Plain norm, or (when ``residual`` is given) residual-add then norm, returning both. On CUDA ``x``
+        may also be a row-parallel projection's split-K partial sums (see parallel.layers.RowParallelLinear)."""
+        if not isinstance(x, torch.Tensor) or x.is_cuda:  # one fused kernel (workers.kernels.fused), not ~8
             from workers.kernels.fused import rmsnorm
             return rmsnorm(x, self.weight, self.eps, residual)
         if residual is not None:

@@ -132,7 +132,13 @@ class DecoderMLP(nn.Module):
                                            dtype=dtype)
         self.act_fn = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
+        if x.is_cuda:  # at decode batch sizes the SiLU-and-mul runs inside the gate/up projection
+            from workers.kernels import decode_gemm
+            gate_up = self.gate_up_proj
+            config = decode_gemm.choose_config(x, gate_up.weight, silu_mul=True)
+            if config is not None:
+                return self.down_proj(decode_gemm.decode_gemm(x, gate_up.weight, config, gate_up.bias, silu_mul=True))
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
@@ -145,7 +151,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
 
     def forward(self, positions, hidden, residual, meta):
-        if hidden.is_cuda and hidden.shape[0] == 1 and self._one_row_kernels_fit(hidden):
+        """(hidden, residual) -> the same for the next layer. On CUDA ``hidden`` between layers may be the
+        down projection's split-K partial sums, which the next RMSNorm adds up."""
+        if positions.is_cuda and positions.shape[0] == 1 and self._one_row_kernels_fit(hidden):
             return self._forward_one_row(positions, hidden, residual, meta)
         if residual is None:
             hidden, residual = self.input_layernorm(hidden), hidden

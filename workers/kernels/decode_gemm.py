@@ -21,12 +21,17 @@ import torch
 import triton
 import triton.language as tl
 
+from workers.kernels import pdl
+from workers.kernels.pdl import enter as pdl_enter
+from workers.kernels.triton_attention import device_sms
+
 
 @triton.jit
 def _decode_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, K_PER_SPLIT, HALF_N, stride_xm, stride_wn, stride_ys,
                         stride_ym, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, SPLIT_OUT: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        STAGES: tl.constexpr):
+                        STAGES: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -41,9 +46,9 @@ def _decode_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, K_PER_SPLIT, HALF_N, stri
     up_offset = HALF_N.to(tl.int64) * stride_wn
     for k0 in tl.range(0, K_PER_SPLIT, BLOCK_K, num_stages=STAGES):
         x = tl.load(x_ptrs + k0, mask=x_mask, other=0.0)
-        acc = tl.dot(tl.load(w_ptrs + k0), x, acc)
+        acc = tl.dot(tl.load(w_ptrs + k0), x, acc, input_precision=PRECISION)
         if SILU_MUL:
-            acc_up = tl.dot(tl.load(w_ptrs + up_offset + k0), x, acc_up)
+            acc_up = tl.dot(tl.load(w_ptrs + up_offset + k0), x, acc_up, input_precision=PRECISION)
     if HAS_BIAS:  # added once: by the first split
         first = (pid_s == 0).to(tl.float32)
         acc += tl.load(b_ptr + offs_n).to(tl.float32)[:, None] * first
@@ -98,11 +103,14 @@ def decode_gemm(x: torch.Tensor, weight: torch.Tensor, config: GemmConfig, bias:
     else:
         y = torch.empty(m, out_n, dtype=x.dtype, device=x.device)
     grid = (out_n // config.block_n, config.split_k, triton.cdiv(m, config.block_m))
+    use_pdl = pdl.enabled(x.device)
     _decode_gemm_kernel[grid](
         x, weight, bias if bias is not None else weight, y, m, k // config.split_k, out_n, x.stride(0),
         weight.stride(0), y.stride(0) if split else 0, y.stride(-2),
         HAS_BIAS=bias is not None, SILU_MUL=silu_mul, SPLIT_OUT=split, BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n, BLOCK_K=config.block_k, STAGES=config.stages, num_warps=config.warps)
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, STAGES=config.stages,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=use_pdl, num_warps=config.warps,
+        launch_pdl=use_pdl)
     return SplitSums(y, x.dtype) if split else y
 
 
@@ -112,3 +120,41 @@ def reduce_splits(y) -> torch.Tensor:
     if isinstance(y, SplitSums):
         return y.parts.sum(0).to(y.dtype)
     return y
+
+
+# Largest batch this kernel takes, and the shared memory its pipeline may fill (H100/H200: 227 KB a block)
+MAX_ROWS = 256
+_SMEM_BUDGET = 200 * 1024
+
+
+def choose_config(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False,
+                  allow_split: bool = False) -> Optional[GemmConfig]:
+    """The config for x @ weight^T, or None where cuBLAS is the better (or the only) choice.
+
+    From the H200 sweep (scripts/probe.py dgemm, docs/kernels.md): 64 features x 128-deep K tiles, 5 stages;
+    16 / 32 / 64 batch rows a tile for up to 16 / 64 / 256 rows; K split (``allow_split``: the caller takes
+    ``SplitSums``) into the most pieces, up to 8, that keep one program per SM at most. Up to 64 rows this
+    beats cuBLAS for every Qwen3-0.6B projection; above, only where the split applies (1024-feature
+    outputs, which cuBLAS covers with 8-16 tiles), so larger batches keep cuBLAS otherwise."""
+    m, k = x.shape
+    n = weight.shape[0]
+    out_n = n // 2 if silu_mul else n
+    if not (x.is_cuda and 2 <= m <= MAX_ROWS and weight.shape[1] == k and x.dtype == weight.dtype
+            and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and x.stride(1) == 1 and weight.stride(1) == 1 and (not silu_mul or n % 2 == 0)):
+        return None
+    block_m = 16 if m <= 16 else (32 if m <= 64 else 64)
+    block_n = next((b for b in (64, 32, 16) if out_n % b == 0), None)
+    block_k = next((b for b in (128, 64, 32, 16) if k % b == 0), None)
+    if block_n is None or block_k is None:
+        return None
+    tiles = out_n // block_n * triton.cdiv(m, block_m)
+    split = 1
+    if allow_split and not silu_mul:
+        while split < 8 and tiles * split * 2 <= device_sms(x.device) and k % (split * 2 * block_k) == 0:
+            split *= 2
+    if m > 64 and split == 1:
+        return None
+    per_stage = ((2 if silu_mul else 1) * block_n + block_m) * block_k * x.element_size()
+    stages = max(2, min(5, _SMEM_BUDGET // per_stage))
+    return GemmConfig(block_m, block_n, block_k, split, stages, 4)

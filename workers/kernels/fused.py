@@ -13,12 +13,16 @@ import torch
 import triton
 import triton.language as tl
 
+from workers.kernels import pdl
 from workers.kernels.decode_gemm import SplitSums
+from workers.kernels.pdl import enter as pdl_enter
 
 
 @triton.jit
 def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_xs, stride_r, stride_o,
-                        stride_ro, n_cols, eps, HAS_RES: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+                        stride_ro, n_cols, eps, HAS_RES: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+                        PDL: tl.constexpr):
+    pdl_enter(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -58,15 +62,17 @@ def rmsnorm(x, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor
     rows, cols = x2.shape
     block = triton.next_power_of_2(cols)
     warps = 1 if block <= 256 else (4 if block <= 2048 else 8)
+    use_pdl = pdl.enabled(out.device)
     if residual is None:
         _add_rmsnorm_kernel[(rows,)](x2, x2, weight, out, out, x2.stride(0), stride_xs, 0, out.stride(0), 0, cols,
-                                     eps, HAS_RES=False, SPLITS=splits, BLOCK=block, num_warps=warps)
+                                     eps, HAS_RES=False, SPLITS=splits, BLOCK=block, PDL=use_pdl,
+                                     num_warps=warps, launch_pdl=use_pdl)
         return out.view(shape)
     r2 = residual.reshape(-1, shape[-1])
     res_out = torch.empty_like(out)
     _add_rmsnorm_kernel[(rows,)](x2, r2, weight, out, res_out, x2.stride(0), stride_xs, r2.stride(0),
                                  out.stride(0), res_out.stride(0), cols, eps, HAS_RES=True, SPLITS=splits,
-                                 BLOCK=block, num_warps=warps)
+                                 BLOCK=block, PDL=use_pdl, num_warps=warps, launch_pdl=use_pdl)
     return out.view(shape), res_out.view(shape)
 
 
@@ -101,10 +107,11 @@ def _norm_rope_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_sin_ptr, pos_ptr,
                       stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
                       stride_c_slot, stride_c_h, eps,
                       NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
-                      HAS_NORM: tl.constexpr, STORE: tl.constexpr, HALF: tl.constexpr):
+                      HAS_NORM: tl.constexpr, STORE: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr):
     """One token, all its heads: q/k RMSNorm + rotary in place; with STORE, the rotated k and the v of
     the token also go into the paged caches at its slot (slot < 0: padding, nothing written), so no
     separate store-K/V kernel is needed."""
+    pdl_enter(PDL)
     t = tl.program_id(0)
     offs = tl.arange(0, HALF)[None, :]
     pos = tl.load(pos_ptr + t)
@@ -155,11 +162,13 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin.stride(0),
         k_cache.stride(-3) if store else 0, k_cache.stride(-2) if store else 0, eps,
         NUM_Q=hq, NUM_KV=hk, BLOCK_Q=block_q, BLOCK_KV=triton.next_power_of_2(hk),
-        HAS_NORM=has_norm, STORE=store, HALF=d // 2, num_warps=warps)
+        HAS_NORM=has_norm, STORE=store, HALF=d // 2, PDL=pdl.enabled(q.device), num_warps=warps,
+        launch_pdl=pdl.enabled(q.device))
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     row = tl.program_id(0)
     start = tl.program_id(1) * BLOCK
     cols = start + tl.arange(0, BLOCK)
@@ -179,6 +188,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
     if x2.shape[0]:
         block = min(1024, triton.next_power_of_2(n))
-        _silu_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](x2, out, x2.stride(0), out.stride(0), n,
-                                                                BLOCK=block, num_warps=4)
+        use_pdl = pdl.enabled(x.device)
+        _silu_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](x2, out, x2.stride(0), out.stride(0), n, BLOCK=block,
+                                                                PDL=use_pdl, num_warps=4, launch_pdl=use_pdl)
     return out.view(*shape[:-1], n)

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from workers.kernels import pdl
+from workers.kernels.pdl import enter as pdl_enter
 from workers.kernels.triton_attention import device_sms
 
 
@@ -42,8 +44,9 @@ def _neg_log(x, FAST: tl.constexpr):
 @triton.jit(do_not_specialize=["chunk_len"])
 def _gumbel_partial_kernel(logits_ptr, stride_row, temps_ptr, seeds_ptr, positions_ptr, best_val_ptr, best_idx_ptr,
                            vocab_size, chunk_len, MAX_CHUNKS: tl.constexpr, BLOCK: tl.constexpr,
-                           FAST_LOG: tl.constexpr):
+                           FAST_LOG: tl.constexpr, PDL: tl.constexpr):
     # program (row, c): the best (score, token) of vocabulary chunk c of this row
+    pdl_enter(PDL)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     temp = tl.load(temps_ptr + row)
@@ -75,7 +78,9 @@ def _gumbel_partial_kernel(logits_ptr, stride_row, temps_ptr, seeds_ptr, positio
 
 
 @triton.jit(do_not_specialize=["num_chunks"])
-def _gumbel_reduce_kernel(best_val_ptr, best_idx_ptr, out_ptr, num_chunks, MAX_CHUNKS: tl.constexpr):
+def _gumbel_reduce_kernel(best_val_ptr, best_idx_ptr, out_ptr, num_chunks, MAX_CHUNKS: tl.constexpr,
+                          PDL: tl.constexpr):
+    pdl_enter(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, MAX_CHUNKS)
     vals = tl.load(best_val_ptr + row * MAX_CHUNKS + offs, mask=offs < num_chunks, other=float("-inf"))
@@ -105,6 +110,7 @@ def gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch
     if batch == 0:
         return out
     cuda = logits.is_cuda
+    use_pdl = pdl.enabled(logits.device)
     block = 4096 if cuda else 256
     chunks = num_vocab_chunks(batch, vocab, block, device_sms(logits.device) if cuda else 4)
     tiles = -(-vocab // block)
@@ -114,6 +120,8 @@ def gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch
     best_idx = torch.empty(batch, MAX_CHUNKS, dtype=torch.int64, device=logits.device)
     _gumbel_partial_kernel[(batch, chunks)](logits, logits.stride(0), temperatures, seeds, positions, best_val,
                                             best_idx, vocab, chunk_len, MAX_CHUNKS=MAX_CHUNKS, BLOCK=block,
-                                            FAST_LOG=cuda, num_warps=8 if cuda else 1)
-    _gumbel_reduce_kernel[(batch,)](best_val, best_idx, out, chunks, MAX_CHUNKS=MAX_CHUNKS, num_warps=1)
+                                            FAST_LOG=cuda, PDL=use_pdl, num_warps=8 if cuda else 1,
+                                            launch_pdl=use_pdl)
+    _gumbel_reduce_kernel[(batch,)](best_val, best_idx, out, chunks, MAX_CHUNKS=MAX_CHUNKS, PDL=use_pdl, num_warps=1,
+                                    launch_pdl=use_pdl)
     return out

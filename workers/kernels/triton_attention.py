@@ -25,6 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
+from workers.kernels import pdl
+from workers.kernels.pdl import enter as pdl_enter
+
 __all__ = [
     "store_kvcache",
     "paged_decode_attention",
@@ -218,8 +221,9 @@ def _decode_split_kernel(
     qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     pid_b = tl.program_id(0)
     kvh = tl.program_id(1)
     sid = tl.program_id(2)
@@ -273,8 +277,9 @@ def _decode_reduce_kernel(
     OWs, LseWs, ContextLens, Out,
     stride_ob, stride_oh, stride_od,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     pid_b = tl.program_id(0)
     h = tl.program_id(1)
     ctx = tl.load(ContextLens + pid_b)
@@ -390,6 +395,7 @@ def _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_s
     num_warps = num_warps or default_warps
     num_stages = num_stages or default_stages
     ieee = q.dtype == torch.float32
+    use_pdl = pdl.enabled(q.device)
 
     if num_splits > 1:
         o_ws = torch.empty((batch, num_q_heads, num_splits, block_d), dtype=torch.float32, device=q.device)
@@ -405,8 +411,8 @@ def _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_s
         out.stride(0), out.stride(1), out.stride(2),
         scale * _LOG2E,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n,
-        BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, IEEE=ieee,
-        num_warps=num_warps, num_stages=num_stages,
+        BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, IEEE=ieee, PDL=use_pdl,
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=use_pdl,
     )
     if num_splits > 1:
         block_s = triton.next_power_of_2(num_splits)
@@ -414,8 +420,8 @@ def _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_s
             o_ws, lse_ws, context_lens, out,
             out.stride(0), out.stride(1), out.stride(2),
             NUM_HEADS=num_q_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
-            NUM_SPLITS=num_splits, BLOCK_S=block_s,
-            num_warps=4 if block_d * block_s >= 2048 else 2,
+            NUM_SPLITS=num_splits, BLOCK_S=block_s, PDL=use_pdl,
+            num_warps=4 if block_d * block_s >= 2048 else 2, launch_pdl=use_pdl,
         )
     return out
 
