@@ -103,7 +103,7 @@ def decode_gemm(x: torch.Tensor, weight: torch.Tensor, config: GemmConfig, bias:
     else:
         y = torch.empty(m, out_n, dtype=x.dtype, device=x.device)
     grid = (out_n // config.block_n, config.split_k, triton.cdiv(m, config.block_m))
-    use_pdl = pdl.enabled(x.device)
+    use_pdl = pdl.enabled(x.device, "gemm")
     _decode_gemm_kernel[grid](
         x, weight, bias if bias is not None else weight, y, m, k // config.split_k, out_n, x.stride(0),
         weight.stride(0), y.stride(0) if split else 0, y.stride(-2),

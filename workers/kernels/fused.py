@@ -62,7 +62,7 @@ def rmsnorm(x, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor
     rows, cols = x2.shape
     block = triton.next_power_of_2(cols)
     warps = 1 if block <= 256 else (4 if block <= 2048 else 8)
-    use_pdl = pdl.enabled(out.device)
+    use_pdl = pdl.enabled(out.device, "norm")
     if residual is None:
         _add_rmsnorm_kernel[(rows,)](x2, x2, weight, out, out, x2.stride(0), stride_xs, 0, out.stride(0), 0, cols,
                                      eps, HAS_RES=False, SPLITS=splits, BLOCK=block, PDL=use_pdl,
@@ -155,6 +155,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_
     else:
         v, k_cache, v_cache, slot_mapping = k, k, k, positions  # unused placeholders
     block_q = triton.next_power_of_2(hq)
+    use_pdl = pdl.enabled(q.device, "rope")
     warps = 4 if block_q * d >= 2048 else (2 if block_q * d >= 512 else 1)
     _norm_rope_kernel[(tokens,)](
         q, k, v, q_weight if has_norm else q, k_weight if has_norm else k, cos_sin, positions,
@@ -162,8 +163,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin.stride(0),
         k_cache.stride(-3) if store else 0, k_cache.stride(-2) if store else 0, eps,
         NUM_Q=hq, NUM_KV=hk, BLOCK_Q=block_q, BLOCK_KV=triton.next_power_of_2(hk),
-        HAS_NORM=has_norm, STORE=store, HALF=d // 2, PDL=pdl.enabled(q.device), num_warps=warps,
-        launch_pdl=pdl.enabled(q.device))
+        HAS_NORM=has_norm, STORE=store, HALF=d // 2, PDL=use_pdl, num_warps=warps, launch_pdl=use_pdl)
 
 
 @triton.jit
@@ -188,7 +188,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
     if x2.shape[0]:
         block = min(1024, triton.next_power_of_2(n))
-        use_pdl = pdl.enabled(x.device)
+        use_pdl = pdl.enabled(x.device, "silu")
         _silu_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](x2, out, x2.stride(0), out.stride(0), n, BLOCK=block,
                                                                 PDL=use_pdl, num_warps=4, launch_pdl=use_pdl)
     return out.view(*shape[:-1], n)

@@ -7,7 +7,8 @@ waits on-device (``griddepcontrol.wait``) before its first memory access, so the
 CUDA graphs keep these edges. The rule that makes it safe: every kernel launched this way waits first
 (``enter``), so no kernel can finish, and none after it start reading, before its predecessor completed.
 
-``NANOVLLM_PDL=0`` turns it off (for A/B measurements).
+``NANOVLLM_PDL=0`` turns it off, ``NANOVLLM_PDL=-gemm,-attention`` for the named kernel families only
+(norm, rope, silu, attention, gemm, small_linear, sampler): for A/B measurements.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ def _supported(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
-def enabled(device: torch.device) -> bool:
-    """Whether kernels on this device launch with PDL (CUDA, compute capability 9.0+, not turned off)."""
-    if device.type != "cuda" or os.environ.get("NANOVLLM_PDL", "1") == "0":
+def enabled(device: torch.device, family: str) -> bool:
+    """Whether this family's kernels on this device launch with PDL (CUDA, compute capability 9.0+, not
+    turned off)."""
+    setting = os.environ.get("NANOVLLM_PDL", "1")
+    if device.type != "cuda" or setting == "0" or f"-{family}" in setting.split(","):
         return False
     return _supported(device.index if device.index is not None else torch.cuda.current_device())
 

@@ -110,7 +110,7 @@ def gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch
     if batch == 0:
         return out
     cuda = logits.is_cuda
-    use_pdl = pdl.enabled(logits.device)
+    use_pdl = pdl.enabled(logits.device, "sampler")
     block = 4096 if cuda else 256
     chunks = num_vocab_chunks(batch, vocab, block, device_sms(logits.device) if cuda else 4)
     tiles = -(-vocab // block)

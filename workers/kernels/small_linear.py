@@ -117,7 +117,7 @@ def _launch(prologue, x, weight, bias=None, residual=None, norm_weight=None, eps
     assert x.shape == (1, 2 * k if prologue == SILU_MUL else k) and x.is_contiguous()
     block_n, block_k = _config(n, k, device_sms(x.device))
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    use_pdl = pdl.enabled(x.device)
+    use_pdl = pdl.enabled(x.device, "small_linear")
     _small_linear_kernel[(n // block_n,)](
         x, residual if residual is not None else x, norm_weight if norm_weight is not None else x, weight,
         bias if bias is not None else weight, y, residual_out if residual_out is not None else y,

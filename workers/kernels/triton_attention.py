@@ -395,7 +395,7 @@ def _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_s
     num_warps = num_warps or default_warps
     num_stages = num_stages or default_stages
     ieee = q.dtype == torch.float32
-    use_pdl = pdl.enabled(q.device)
+    use_pdl = pdl.enabled(q.device, "attention")
 
     if num_splits > 1:
         o_ws = torch.empty((batch, num_q_heads, num_splits, block_d), dtype=torch.float32, device=q.device)
