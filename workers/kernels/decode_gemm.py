@@ -15,6 +15,7 @@ plain projection).
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -153,7 +154,7 @@ def choose_config(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False,
     if allow_split and not silu_mul:
         while split < 8 and tiles * split * 2 <= device_sms(x.device) and k % (split * 2 * block_k) == 0:
             split *= 2
-    if m > 64 and split == 1:
+    if m > int(os.environ.get("NANOVLLM_DECODE_GEMM_ROWS", "64")) and split == 1:  # TEMPORARY A/B knob
         return None
     per_stage = ((2 if silu_mul else 1) * block_n + block_m) * block_k * x.element_size()
     stages = max(2, min(5, _SMEM_BUDGET // per_stage))

@@ -8,7 +8,7 @@ CUDA graphs keep these edges. The rule that makes it safe: every kernel launched
 (``enter``), so no kernel can finish, and none after it start reading, before its predecessor completed.
 
 ``NANOVLLM_PDL=0`` turns it off, ``NANOVLLM_PDL=-gemm,-attention`` for the named kernel families only
-(norm, rope, silu, attention, gemm, small_linear, sampler): for A/B measurements.
+(norm, rope, silu, attention, gemm, sampler): for A/B measurements.
 """
 
 from __future__ import annotations

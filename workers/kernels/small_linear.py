@@ -7,6 +7,9 @@ program owns BLOCK_N output features and streams their weight rows along K in BL
 NUM_STAGES deep); no tensor cores, no padding of the row to 16. At 2-4 rows a version that loops over the
 rows lost to cuBLAS (it re-reads the weight per row: 24.8 / 31.1 / 37.3 us per layer at 2 / 3 / 4 rows
 against cuBLAS's 24.2 at 8), so decode batches of 2-7 run cuBLAS, padded to 8 in the CUDA graphs.
+
+Unlike the other decode-step kernels it launches without programmatic dependent launch (workers.kernels.pdl):
+with it, TPOT at batch 1 rose from 0.94 to 1.05 ms (bench_latency.py, H200, 2026-11-22).
 """
 
 from __future__ import annotations
@@ -17,8 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-from workers.kernels import pdl
-from workers.kernels.pdl import enter as pdl_enter
 from workers.kernels.triton_attention import device_sms
 
 # What the kernel computes its input row from (the op before the projection, fused into it); the kernel
@@ -29,9 +30,7 @@ PLAIN, RMSNORM, ADD_RMSNORM, SILU_MUL = 0, 1, 2, 3
 @triton.jit
 def _small_linear_kernel(x_ptr, r_ptr, g_ptr, w_ptr, b_ptr, y_ptr, r_out_ptr, K, stride_wn, eps,
                          PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, BLOCK_ROW: tl.constexpr, NUM_STAGES: tl.constexpr,
-                         PDL: tl.constexpr):
-    pdl_enter(PDL)
+                         BLOCK_K: tl.constexpr, BLOCK_ROW: tl.constexpr, NUM_STAGES: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
@@ -117,11 +116,9 @@ def _launch(prologue, x, weight, bias=None, residual=None, norm_weight=None, eps
     assert x.shape == (1, 2 * k if prologue == SILU_MUL else k) and x.is_contiguous()
     block_n, block_k = _config(n, k, device_sms(x.device))
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    use_pdl = pdl.enabled(x.device, "small_linear")
     _small_linear_kernel[(n // block_n,)](
         x, residual if residual is not None else x, norm_weight if norm_weight is not None else x, weight,
         bias if bias is not None else weight, y, residual_out if residual_out is not None else y,
         k, weight.stride(0), eps, PROLOGUE=prologue, HAS_BIAS=bias is not None, BLOCK_N=block_n,
-        BLOCK_K=block_k, BLOCK_ROW=triton.next_power_of_2(k), NUM_STAGES=4, PDL=use_pdl, num_warps=4,
-        launch_pdl=use_pdl)
+        BLOCK_K=block_k, BLOCK_ROW=triton.next_power_of_2(k), NUM_STAGES=4, num_warps=4)
     return y
