@@ -210,3 +210,19 @@ def test_rmsnorm_adds_up_split_sums(dtype):
     assert torch.equal(res, x + r)
     assert close(out, ref_rmsnorm(x + r, w, 1e-6), dtype)
     assert close(fused.rmsnorm(dg.SplitSums(parts, dtype), w, 1e-6), ref_rmsnorm(x, w, 1e-6), dtype)
+
+
+def test_row_parallel_reduce_passes_split_sums_to_the_norm_or_adds_them_up():
+    """One rank and no bias: the partial sums go on to the RMSNorm untouched; with a bias they are added up
+    (rounded once) and the bias added, as F.linear would."""
+    from parallel.distributed import ParallelContext
+    from parallel.layers import RowParallelLinear
+    from workers.kernels import decode_gemm as dg
+
+    parts = torch.randint(-64, 64, (2, 3, 8)).float() / 16
+    sums = dg.SplitSums(parts, torch.float16)
+    plain = RowParallelLinear(16, 8, ParallelContext(0, 1), bias=False, dtype=torch.float16)
+    assert plain.reduce(sums) is sums
+    biased = RowParallelLinear(16, 8, ParallelContext(0, 1), bias=True, dtype=torch.float16)
+    biased.bias.data = torch.arange(8, dtype=torch.float16)
+    assert torch.equal(biased.reduce(sums), parts.sum(0).half() + biased.bias)

@@ -6,7 +6,8 @@ bandwidth unused: on an H200 (scripts/probe.py, 2026-11-22) Qwen3-0.6B's per-lay
 program owns BLOCK_N output features and streams their weight rows along K in BLOCK_K pieces (pipelined
 NUM_STAGES deep); no tensor cores, no padding of the row to 16. At 2-4 rows a version that loops over the
 rows lost to cuBLAS (it re-reads the weight per row: 24.8 / 31.1 / 37.3 us per layer at 2 / 3 / 4 rows
-against cuBLAS's 24.2 at 8), so decode batches of 2-7 run cuBLAS, padded to 8 in the CUDA graphs.
+against cuBLAS's 24.2 at 8), so decode batches of 2-7 are padded to 8 in the CUDA graphs and run
+workers.kernels.decode_gemm.
 
 Unlike the other decode-step kernels it launches without programmatic dependent launch (workers.kernels.pdl):
 with it, TPOT at batch 1 rose from 0.94 to 1.05 ms (bench_latency.py, H200, 2026-11-22).
