@@ -159,7 +159,11 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor):
-        return self.reduce(_linear(x, self.weight, allow_split=True))
+        # Split-K sums only on one rank, where the next RMSNorm adds them up for free. Across ranks the
+        # all-reduce needs one tensor anyway; and with them, python bench.py --tp 2 hit a device-side
+        # index assert on rank 1 under CUDA graphs (with or without PDL; not in eager mode, not with
+        # CUDA_LAUNCH_BLOCKING=1; docs/kernels.md), so TP > 1 keeps unsplit projections.
+        return self.reduce(_linear(x, self.weight, allow_split=self.ctx.world_size == 1))
 
     def reduce(self, partial):
         """This rank's x W^T (however it was computed) -> the layer's output: all-reduce, then the bias.
