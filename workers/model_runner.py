@@ -521,11 +521,14 @@ class ModelRunner:
         return handle.done is None or handle.done.query()
 
     def finish(self, handle: StepHandle) -> Optional[StepResult]:
-        """Wait for a launched step's tokens; rank 0 returns them as the step's result."""
-        if self.ctx.rank != 0:
-            return None
+        """Wait for a launched step's tokens; rank 0 returns them as the step's result.
+
+        Every rank waits: the others too, so that step N's staging buffers are free before step N+2 reuses
+        them (``Staging``) by this rule and not only because the collectives pace them with rank 0."""
         if handle.done is not None:
             handle.done.synchronize()
+        if self.ctx.rank != 0:
+            return None
         tokens = handle.host_tokens.tolist() if handle.host_tokens is not None else []
         for req_id, token in zip(handle.req_ids, tokens):
             state = self.requests.get(req_id)
