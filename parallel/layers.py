@@ -159,10 +159,9 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor):
-        # Split-K sums only on one rank, where the next RMSNorm adds them up for free. Across ranks the
-        # all-reduce needs one tensor anyway; and with them, python bench.py --tp 2 hit a device-side
-        # index assert on rank 1 under CUDA graphs (with or without PDL; not in eager mode, not with
-        # CUDA_LAUNCH_BLOCKING=1; docs/kernels.md), so TP > 1 keeps unsplit projections.
+        # Split-K sums only on one rank, where the next RMSNorm adds them up for free; across ranks the
+        # all-reduce needs one tensor, so they would cost a reduction kernel first. (The device-side index
+        # assert once seen at TP 2 with split sums was the staging race fixed in 2687bdf: docs/kernels.md.)
         return self.reduce(_linear(x, self.weight, allow_split=self.ctx.world_size == 1))
 
     def reduce(self, partial):

@@ -1,11 +1,13 @@
 """GPU only, exploratory: candidate kernels against what the engine runs (the engine does not import this).
 
-    python scripts/probe.py [--json out.json] [--only small,attn,dgemm]
+    python scripts/probe.py [--json out.json] [--only small,attn,dgemm,qkvrope]
 
 - small: workers.kernels.small_linear against cuBLAS at 1-4 rows (and cuBLAS at 8), per Qwen3-0.6B layer GEMM;
 - attn: the decode kernel over splits x tile x warps x stages at batch 256 / 128 / 64 / 8;
 - dgemm: workers.kernels.decode_gemm (block sizes x split-K x stages) against cuBLAS at 8-256 rows, with the
-  following RMSNorm where the output is the hidden size (the consumer of the split-K partial sums).
+  following RMSNorm where the output is the hidden size (the consumer of the split-K partial sums);
+- qkvrope: decode_gemm.qkv_rope (the q/k/v projection with q/k norm, rotary and the K/V cache write fused)
+  over its row-tile sizes, against the projection as parallel.layers._linear runs it + fused.qk_norm_rope.
 Timings are CUDA graphs of 28 back-to-back calls on distinct memory (kernel_sweep.graph_time). Results of the
 2026-11-22 runs: docs/benchmarks.md, "Probes of this session" (the sampler variants there were timed with
 this script's earlier version, at commit `dc56805`).
@@ -133,18 +135,74 @@ def probe_decode_gemm(bw, results):
                                                best=[(tt, t, tuple(c)) for tt, t, c in timed[:8]]))
 
 
+def probe_qkv_rope(bw, results):
+    """decode_gemm.qkv_rope against the unfused pair the model ran before it, per layer, at 2-256 rows."""
+    from parallel.layers import _linear
+    from workers.kernels import decode_gemm as dg
+    from workers.kernels.fused import qk_norm_rope
+    dev = torch.device("cuda")
+    print("\n== q/k/v projection + q/k norm + rotary + K/V store per layer (us), 28 distinct weights per graph")
+    k_in, n = SHAPES["qkv"]
+    ws = [torch.randn(n, k_in, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(LAYERS)]
+    qw = torch.rand(D, device=dev, dtype=torch.bfloat16) + 0.5
+    kw = torch.rand(D, device=dev, dtype=torch.bfloat16) + 0.5
+    angles = torch.outer(torch.arange(4096, dtype=torch.float32), 1.0 / 1e6 ** (torch.arange(0, D, 2) / D))
+    cos_sin = torch.cat([angles.cos(), angles.sin()], -1).to(dev)
+    blocks = 256 * 2 + 1
+    caches = [(torch.zeros(blocks, BLOCK, HKV, D, device=dev, dtype=torch.bfloat16),
+               torch.zeros(blocks, BLOCK, HKV, D, device=dev, dtype=torch.bfloat16)) for _ in range(LAYERS)]
+    for m in (2, 8, 16, 32, 64, 96, 128, 192, 256):
+        x = torch.randn(m, k_in, device=dev, dtype=torch.bfloat16)
+        pos = torch.randint(0, 4000, (m,), device=dev)
+        slots = torch.randperm(blocks * BLOCK, device=dev)[:m]
+
+        def unfused(i):
+            qkv = _linear(x, ws[i])
+            q = qkv[:, :HQ * D].view(m, HQ, D)
+            k = qkv[:, HQ * D:(HQ + HKV) * D].view(m, HKV, D)
+            v = qkv[:, (HQ + HKV) * D:].view(m, HKV, D)
+            qk_norm_rope(q, k, pos, cos_sin, qw, kw, 1e-6, v=v, k_cache=caches[i][0], v_cache=caches[i][1],
+                         slot_mapping=slots)
+            return qkv
+
+        ref = unfused(0).float()
+        t_unfused = graph_time(unfused)
+        default = dg.choose_qkv_rope_config(x, ws[0], D)
+        timed = []
+        for bm in (16, 32, 64):
+            for bk in (64, 128):
+                cfg = default._replace(block_m=bm, block_k=bk)
+                per_stage = (D + bm) * bk * 2
+                cfg = cfg._replace(stages=max(2, min(5, 200 * 1024 // per_stage)))
+
+                def fused(i, cfg=cfg):
+                    return dg.qkv_rope(x, ws[i], None, cfg, HQ, HKV, D, pos, cos_sin, qw, kw, 1e-6, caches[i][0],
+                                       caches[i][1], slots)
+                err = (fused(0).float() - ref).abs().max().item() / (ref.abs().max().item() + 1e-6)
+                if err > 2e-2:
+                    print(f"   m={m} {cfg}: wrong (rel {err:.2e})")
+                    continue
+                timed.append((graph_time(fused), tuple(cfg)))
+        timed.sort()
+        print(f"M={m:>4}: unfused {t_unfused * 1e6:6.1f}  fused default {tuple(default)}; best: "
+              + "; ".join(f"{t * 1e6:5.1f} {c}" for t, c in timed[:4]), flush=True)
+        results["qkv_rope"].append(dict(m=m, unfused=t_unfused, default=tuple(default),
+                                        fused=[(t, c) for t, c in timed]))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--json")
-    p.add_argument("--only", default="small,attn,dgemm")
+    p.add_argument("--only", default="small,attn,dgemm,qkvrope")
     args = p.parse_args()
     bw = measure_copy_bandwidth()
     print(f"copy bandwidth {bw / 1e9:,.0f} GB/s")
-    results = {"copy_bandwidth": bw, "attention": [], "decode_gemm": [], "small_linear": []}
+    results = {"copy_bandwidth": bw, "attention": [], "decode_gemm": [], "small_linear": [], "qkv_rope": []}
     parts = args.only.split(",")
     t0 = time.time()
     for part, fn in (("small", lambda: probe_small_linear(bw, results)), ("attn", lambda: probe_attention(bw, results)),
-                     ("dgemm", lambda: probe_decode_gemm(bw, results))):
+                     ("dgemm", lambda: probe_decode_gemm(bw, results)),
+                     ("qkvrope", lambda: probe_qkv_rope(bw, results))):
         if part in parts:
             fn()
             print(f"[{part} done at {time.time() - t0:.0f} s]", flush=True)

@@ -41,7 +41,8 @@ def make_config(arch: str, **overrides):
     if arch == "qwen3-wide":  # wide enough that decode_gemm splits o_proj / down_proj over K on the GPU
         kw.update(hidden_size=256, intermediate_size=512)
         return Qwen3Config(head_dim=64, tie_word_embeddings=False, **kw)
-    if arch == "qwen2":
+    if arch == "qwen2":  # head_dim 32: on the GPU its decode rows take decode_gemm.qkv_rope, with the bias
+        kw.update(hidden_size=128)
         return Qwen2Config(tie_word_embeddings=True, **kw)
     if arch == "llama":
         return LlamaConfig(tie_word_embeddings=False, **kw)

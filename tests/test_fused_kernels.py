@@ -226,3 +226,57 @@ def test_row_parallel_reduce_passes_split_sums_to_the_norm_or_adds_them_up():
     biased = RowParallelLinear(16, 8, ParallelContext(0, 1), bias=True, dtype=torch.float16)
     biased.bias.data = torch.arange(8, dtype=torch.float16)
     assert torch.equal(biased.reduce(sums), parts.sum(0).half() + biased.bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,hq,hk,d,norm,bias,block_m", [(5, 4, 2, 32, True, False, 16), (20, 2, 1, 64, False, True, 16),
+                                                         (33, 3, 3, 32, True, True, 32)])
+def test_qkv_rope_against_float64(dtype, m, hq, hk, d, norm, bias, block_m):
+    """The q/k/v projection with the q/k RMSNorm, rotary and K/V cache write in its epilogue: every head
+    against float64, the caches written at exactly the slots given (-1: nothing), nothing else touched."""
+    from workers.kernels import decode_gemm as dg
+
+    torch.manual_seed(m + hq + d)
+    k, heads, block_size = 64, hq + 2 * hk, 4
+    x = torch.randn(m, k, dtype=dtype, device=DEVICE)
+    w = torch.randn(heads * d, k, dtype=dtype, device=DEVICE) / k ** 0.5
+    b = torch.randn(heads * d, dtype=dtype, device=DEVICE) if bias else None
+    positions = torch.randint(0, 60, (m,), device=DEVICE)
+    angles = rope_angles(64, d)
+    cos_sin = torch.cat([angles.cos(), angles.sin()], -1).float().to(DEVICE)
+    qw = torch.rand(d, dtype=dtype, device=DEVICE) + 0.5 if norm else None
+    kw = torch.rand(d, dtype=dtype, device=DEVICE) + 0.5 if norm else None
+    blocks = m // block_size + 3
+    k_cache = torch.full((blocks, block_size, hk, d), float("nan"), dtype=dtype, device=DEVICE)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    slots = torch.randperm(blocks * block_size, device=DEVICE)[:m]
+    slots[1] = -1  # a padded row
+    config = dg.QkvRopeConfig(block_m=block_m, block_k=32, stages=2, warps=4)
+    y = dg.qkv_rope(x, w, b, config, hq, hk, d, positions, cos_sin, qw, kw, 1e-6, k_cache, v_cache, slots)
+
+    proj = (x.double() @ w.double().T + (b.double() if bias else 0)).to(dtype)  # rounded, as a GEMM writes it
+    q_ref = ref_norm_rope(proj[:, :hq * d].view(m, hq, d), qw, angles, positions)
+    k_ref = ref_norm_rope(proj[:, hq * d:(hq + hk) * d].view(m, hk, d), kw, angles, positions)
+    v_ref = proj[:, (hq + hk) * d:].view(m, hk, d)
+    assert close(y[:, :hq * d].view(m, hq, d), q_ref.to(dtype), dtype)
+    assert close(y[:, hq * d:(hq + hk) * d].view(m, hk, d), k_ref.to(dtype), dtype)
+    assert close(y[:, (hq + hk) * d:].view(m, hk, d), v_ref, dtype)
+    flat_k, flat_v = k_cache.view(-1, hk, d), v_cache.view(-1, hk, d)
+    written = [s for s in slots.tolist() if s >= 0]
+    for t, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            assert close(flat_k[slot], k_ref[t].to(dtype), dtype) and close(flat_v[slot], v_ref[t], dtype)
+    untouched = [s for s in range(blocks * block_size) if s not in written]
+    assert torch.isnan(flat_k[untouched]).all() and torch.isnan(flat_v[untouched]).all()
+
+
+def test_qkv_rope_config_declines_what_it_cannot_run():
+    from workers.kernels import decode_gemm as dg
+
+    w = torch.empty(4 * 64, 128)
+    assert dg.choose_qkv_rope_config(torch.empty(8, 128), w, 64) is None  # not CUDA
+    if DEVICE == "cuda":
+        assert dg.choose_qkv_rope_config(torch.empty(8, 128, device=DEVICE), w.to(DEVICE), 64) is not None
+        assert dg.choose_qkv_rope_config(torch.empty(1, 128, device=DEVICE), w.to(DEVICE), 64) is None
+        assert dg.choose_qkv_rope_config(torch.empty(dg.QKV_ROPE_MAX_ROWS + 1, 128, device=DEVICE), w.to(DEVICE), 64) is None
+        assert dg.choose_qkv_rope_config(torch.empty(8, 128, device=DEVICE), w.to(DEVICE)[:, :100], 64) is None

@@ -100,6 +100,20 @@ class DecoderAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, spec.head_dim, spec.head_dim ** -0.5, backend)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if x.is_cuda and self.attn.k_cache is not None:
+            # decode batch sizes: q/k norms, rotary and the K/V cache write run in the projection's epilogue
+            from workers.kernels import decode_gemm
+            proj = self.qkv_proj
+            config = decode_gemm.choose_qkv_rope_config(x, proj.weight, self.head_dim)
+            if config is not None:
+                norm = self.qk_norm
+                qkv = decode_gemm.qkv_rope(
+                    x, proj.weight, proj.bias, config, self.num_heads, self.num_kv_heads, self.head_dim, positions,
+                    self.rotary_emb.cos_sin, self.q_norm.weight if norm else None,
+                    self.k_norm.weight if norm else None, self.q_norm.eps if norm else 0.0,
+                    self.attn.k_cache, self.attn.v_cache, meta.slot_mapping)
+                q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+                return self.o_proj(self.attn(q, k, v, meta, kv_stored=True))
         return self.attend(positions, self.qkv_proj(x), meta)
 
     def attend(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

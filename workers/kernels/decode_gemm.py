@@ -159,3 +159,142 @@ def choose_config(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False,
     per_stage = ((2 if silu_mul else 1) * block_n + block_m) * block_k * x.element_size()
     stages = max(2, min(5, _SMEM_BUDGET // per_stage))
     return GemmConfig(block_m, block_n, block_k, split, stages, 4)
+
+
+# ---- q/k/v projection with q/k RMSNorm, rotary and the K/V cache write in its epilogue -------------------
+
+@triton.jit
+def _qkv_rope_kernel(x_ptr, w_ptr, b_ptr, y_ptr, qw_ptr, kw_ptr, cos_sin_ptr, pos_ptr, kc_ptr, vc_ptr, slot_ptr,
+                     M, K, stride_xm, stride_wn, stride_ym, stride_cs, stride_c_slot, stride_c_h, eps,
+                     NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HALF: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     HAS_NORM: tl.constexpr, STORE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                     STAGES: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+    """One program: one head's 2 * HALF output features for BLOCK_M rows, as two [HALF, BLOCK_M] halves (the
+    pair rotary mixes). q and k heads then get their RMSNorm and rotary, with the rounding points of
+    fused.qk_norm_rope after a plain projection; every head is written to y, and with STORE the k and v heads
+    also into the paged caches at the rows' slots (slot < 0: padding, not written)."""
+    pdl_enter(PDL)
+    head = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_d = tl.arange(0, HALF)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    feat = head * (2 * HALF) + offs_d
+    w1_ptrs = w_ptr + feat[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    w2_ptrs = w1_ptrs + HALF * stride_wn
+    x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + offs_k[:, None]
+    acc1 = tl.zeros([HALF, BLOCK_M], tl.float32)
+    acc2 = tl.zeros([HALF, BLOCK_M], tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        x = tl.load(x_ptrs + k0, mask=m_mask[None, :], other=0.0)
+        acc1 = tl.dot(tl.load(w1_ptrs + k0), x, acc1, input_precision=PRECISION)
+        acc2 = tl.dot(tl.load(w2_ptrs + k0), x, acc2, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc1 += tl.load(b_ptr + feat).to(tl.float32)[:, None]
+        acc2 += tl.load(b_ptr + feat + HALF).to(tl.float32)[:, None]
+    dtype = y_ptr.dtype.element_ty
+    y1 = acc1.to(dtype)  # the projection's output, rounded as a GEMM would
+    y2 = acc2.to(dtype)
+    y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + feat[:, None]
+    store_mask = m_mask[None, :] & (offs_d[:, None] < HALF)
+    slot = tl.load(slot_ptr + offs_m, mask=m_mask, other=-1).to(tl.int64)
+    cache_mask = (slot[None, :] >= 0) & (offs_d[:, None] < HALF)
+    if head < NUM_Q + NUM_KV:  # a q or k head: RMSNorm (Qwen3), then rotary
+        f1 = y1.to(tl.float32)
+        f2 = y2.to(tl.float32)
+        if HAS_NORM:
+            is_q = head < NUM_Q
+            # the head's norm weight: q_norm's or k_norm's (masked loads, no pointer select)
+            nw1 = (tl.load(qw_ptr + offs_d, mask=offs_d < tl.where(is_q, HALF, 0), other=0.0)
+                   + tl.load(kw_ptr + offs_d, mask=offs_d < tl.where(is_q, 0, HALF), other=0.0))
+            nw2 = (tl.load(qw_ptr + HALF + offs_d, mask=offs_d < tl.where(is_q, HALF, 0), other=0.0)
+                   + tl.load(kw_ptr + HALF + offs_d, mask=offs_d < tl.where(is_q, 0, HALF), other=0.0))
+            inv = tl.rsqrt((tl.sum(f1 * f1, axis=0) + tl.sum(f2 * f2, axis=0)) / (2 * HALF) + eps)[None, :]
+            f1 = ((f1 * inv).to(dtype) * nw1[:, None]).to(tl.float32)
+            f2 = ((f2 * inv).to(dtype) * nw2[:, None]).to(tl.float32)
+        pos = tl.load(pos_ptr + offs_m, mask=m_mask, other=0)
+        cs_ptrs = cos_sin_ptr + pos[None, :].to(tl.int64) * stride_cs + offs_d[:, None]
+        cos = tl.load(cs_ptrs).to(tl.float32)
+        sin = tl.load(cs_ptrs + HALF).to(tl.float32)
+        r1 = (f1 * cos - f2 * sin).to(dtype)
+        r2 = (f2 * cos + f1 * sin).to(dtype)
+        tl.store(y_ptrs, r1, mask=store_mask)
+        tl.store(y_ptrs + HALF, r2, mask=store_mask)
+        if STORE:
+            if head >= NUM_Q:
+                dst = kc_ptr + slot[None, :] * stride_c_slot + (head - NUM_Q) * stride_c_h + offs_d[:, None]
+                tl.store(dst, r1, mask=cache_mask)
+                tl.store(dst + HALF, r2, mask=cache_mask)
+    else:  # a v head: as projected
+        tl.store(y_ptrs, y1, mask=store_mask)
+        tl.store(y_ptrs + HALF, y2, mask=store_mask)
+        if STORE:
+            dst = vc_ptr + slot[None, :] * stride_c_slot + (head - NUM_Q - NUM_KV) * stride_c_h + offs_d[:, None]
+            tl.store(dst, y1, mask=cache_mask)
+            tl.store(dst + HALF, y2, mask=cache_mask)
+
+
+class QkvRopeConfig(NamedTuple):
+    block_m: int
+    block_k: int
+    stages: int
+    warps: int
+
+
+# Most rows ``qkv_rope`` takes: at 192-256 rows cuBLAS + the separate norm/rotary kernel is as fast
+QKV_ROPE_MAX_ROWS = 128
+
+
+def choose_qkv_rope_config(x: torch.Tensor, weight: torch.Tensor, head_dim: int) -> Optional[QkvRopeConfig]:
+    """The config for ``qkv_rope``, or None where the projection + fused.qk_norm_rope is the choice.
+
+    H200 (scripts/probe.py qkvrope, Qwen3-0.6B shapes, µs per layer, unfused -> fused): 6.9 -> 6.4 at 2-8
+    rows, 7.4 -> 6.6 at 32, 7.7 -> 7.4 at 64, 8.8 -> 8.1 at 128, but 9.1 -> 9.5 at 192. 16 batch rows a tile
+    up to 64 rows (one head x 16 rows a program keeps >= 128 programs busy), 32 above; 128-deep K tiles."""
+    m, k = x.shape
+    half = head_dim // 2
+    if not (x.is_cuda and 2 <= m <= QKV_ROPE_MAX_ROWS and weight.shape[1] == k and x.dtype == weight.dtype
+            and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and x.stride(1) == 1
+            and weight.stride(1) == 1 and half >= 16 and (half & (half - 1)) == 0
+            and weight.shape[0] % head_dim == 0):
+        return None
+    block_k = next((b for b in (128, 64, 32, 16) if k % b == 0), None)
+    if block_k is None:
+        return None
+    block_m = 16 if m <= 64 else 32
+    per_stage = (head_dim + block_m) * block_k * x.element_size()
+    stages = max(2, min(5, _SMEM_BUDGET // per_stage))
+    return QkvRopeConfig(block_m, block_k, stages, 4)
+
+
+def qkv_rope(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], config: QkvRopeConfig,
+             num_heads: int, num_kv_heads: int, head_dim: int, positions: torch.Tensor, cos_sin: torch.Tensor,
+             q_weight: Optional[torch.Tensor] = None, k_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
+             k_cache: Optional[torch.Tensor] = None, v_cache: Optional[torch.Tensor] = None,
+             slot_mapping: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [M, K] @ weight^T (+ bias) = [q | k | v] [M, (Hq + 2 Hk) * D], with q and k already normed (when
+    the weights are given) and rotated at ``positions`` by the neox-style ``cos_sin`` table [pos, D] (cos |
+    sin); given the paged caches [blocks, block_size, Hk, D] and slot_mapping [M], the rotated k and the v
+    also go into the caches. What ``qkv_proj`` + ``fused.qk_norm_rope(..., k_cache=...)`` do, in one kernel."""
+    m, k = x.shape
+    heads = num_heads + 2 * num_kv_heads
+    assert weight.shape == (heads * head_dim, k) and x.stride(1) == 1 and weight.stride(1) == 1
+    assert k % config.block_k == 0 and positions.shape == (m,)
+    store = k_cache is not None
+    if store:
+        assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[2:] == (num_kv_heads, head_dim)
+        assert slot_mapping.shape == (m,)
+    y = torch.empty(m, heads * head_dim, dtype=x.dtype, device=x.device)
+    has_norm = q_weight is not None
+    use_pdl = pdl.enabled(x.device, "gemm")
+    _qkv_rope_kernel[(heads, triton.cdiv(m, config.block_m))](
+        x, weight, bias if bias is not None else weight, y, q_weight if has_norm else weight,
+        k_weight if has_norm else weight, cos_sin, positions, k_cache if store else y, v_cache if store else y,
+        slot_mapping if store else positions, m, k, x.stride(0), weight.stride(0), y.stride(0), cos_sin.stride(0),
+        k_cache.stride(-3) if store else 0, k_cache.stride(-2) if store else 0, eps,
+        NUM_Q=num_heads, NUM_KV=num_kv_heads, HALF=head_dim // 2, HAS_BIAS=bias is not None, HAS_NORM=has_norm,
+        STORE=store, BLOCK_M=config.block_m, BLOCK_K=config.block_k, STAGES=config.stages,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=use_pdl, num_warps=config.warps,
+        launch_pdl=use_pdl)
+    return y
