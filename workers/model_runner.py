@@ -75,8 +75,8 @@ def select_attention_backend(name: str, device: str, dtype: str = "float32", blo
 def graph_batch_sizes(max_num_seqs: int) -> List[int]:
     """The decode batch sizes captured as CUDA graphs; a batch runs in the smallest one that fits it.
 
-    A single row runs its projections in workers.kernels.small_linear (faster than cuBLAS there); 2-7 rows
-    run padded to 8, where cuBLAS takes about what it takes at 2 (H200, scripts/probe.py)."""
+    A single row runs its projections in workers.kernels.small_linear (the fastest there); 2-7 rows run
+    padded to 8 (workers.kernels.decode_gemm), which costs about what 2 rows cost (H200, scripts/probe.py)."""
     top = min(max_num_seqs, 512)
     sizes = [s for s in (1, 8) if s < top] + list(range(16, top + 1, 16))
     if not sizes or sizes[-1] != top:
