@@ -36,7 +36,7 @@ for what in "${@:-all}"; do
     pytest) python3 -m pytest -q -rs ${PYTEST_ARGS:-tests/test_gpu.py} 2>&1 | tee "$OUT/pytest.log" | tail -8 ;;&
     bench|all) NANOVLLM_STEP_TIMING=1 python3 bench.py --runs 2 ${BENCH_ARGS:-} --json "$OUT/bench.json" 2>&1 | grep -v "^W1122" | tee "$OUT/bench.log" ;;&
     bench-fa3) NANOVLLM_STEP_TIMING=1 python3 bench.py --runs 2 --attention-backend flash_attn --json "$OUT/bench_fa3.json" 2>&1 | grep -v "^W1122" | tee "$OUT/bench_fa3.log" ;;&
-    bench-tp2|all) NANOVLLM_STEP_TIMING=1 python3 bench.py --tp 2 --json "$OUT/bench_tp2.json" 2>&1 | grep -v "^W1122" | tee "$OUT/bench_tp2.log" ;;&
+    bench-tp2|all) NANOVLLM_STEP_TIMING=1 python3 bench.py --tp 2 --runs 2 --json "$OUT/bench_tp2.json" 2>&1 | grep -v "^W1122" | tee "$OUT/bench_tp2.log" ;;&
     profile|all) mkdir -p "$OUT/prof" && NANOVLLM_PROFILE_DIR="$OUT/prof" python3 bench.py ${BENCH_ARGS:-} 2>&1 | grep -E "tok/s|roofline:" && head -1 "$OUT/prof/worker0.torch.txt" ;;&
     cprofile) mkdir -p "$OUT/cprof" && NANOVLLM_CPROFILE_DIR="$OUT/cprof" python3 bench.py 2>&1 | grep -E "tok/s|roofline:" && head -60 "$OUT/cprof/worker0.cprofile.txt" ;;&
     cprofile-latency) mkdir -p "$OUT/cprof" && NANOVLLM_CPROFILE_DIR="$OUT/cprof" python3 bench_latency.py --batch-sizes 1 --repeats 5 ${BENCH_ARGS:-} 2>&1 | tail -2 && head -45 "$OUT/cprof/worker0.cprofile.txt" ;;&
