@@ -171,9 +171,7 @@ def probe_qkv_rope(bw, results):
         timed = []
         for bm in (16, 32, 64):
             for bk in (64, 128):
-                cfg = default._replace(block_m=bm, block_k=bk)
-                per_stage = (D + bm) * bk * 2
-                cfg = cfg._replace(stages=max(2, min(5, 200 * 1024 // per_stage)))
+                cfg = default._replace(block_m=bm, block_k=bk, stages=dg.pipeline_stages((D + bm) * bk * 2))
 
                 def fused(i, cfg=cfg):
                     return dg.qkv_rope(x, ws[i], None, cfg, HQ, HKV, D, pos, cos_sin, qw, kw, 1e-6, caches[i][0],

@@ -106,15 +106,19 @@ class DecoderAttention(nn.Module):
             proj = self.qkv_proj
             config = decode_gemm.choose_qkv_rope_config(x, proj.weight, self.head_dim)
             if config is not None:
-                norm = self.qk_norm
                 qkv = decode_gemm.qkv_rope(
                     x, proj.weight, proj.bias, config, self.num_heads, self.num_kv_heads, self.head_dim, positions,
-                    self.rotary_emb.cos_sin, self.q_norm.weight if norm else None,
-                    self.k_norm.weight if norm else None, self.q_norm.eps if norm else 0.0,
-                    self.attn.k_cache, self.attn.v_cache, meta.slot_mapping)
+                    self.rotary_emb.cos_sin, *self._qk_norm_args(), self.attn.k_cache, self.attn.v_cache,
+                    meta.slot_mapping)
                 q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
                 return self.o_proj(self.attn(q, k, v, meta, kv_stored=True))
         return self.attend(positions, self.qkv_proj(x), meta)
+
+    def _qk_norm_args(self) -> tuple:
+        """(q_norm weight, k_norm weight, eps) for the fused kernels; (None, None, 0.0) without q/k norms."""
+        if not self.qk_norm:
+            return None, None, 0.0
+        return self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
 
     def attend(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Everything after the q/k/v projection: norms, rotary, the cache write, attention, o_proj."""
@@ -126,9 +130,7 @@ class DecoderAttention(nn.Module):
             # step's K/V into the paged cache
             from workers.kernels.fused import qk_norm_rope
             v = v.view(-1, self.num_kv_heads, self.head_dim)
-            qk_norm_rope(q, k, positions, self.rotary_emb.cos_sin,
-                         self.q_norm.weight if self.qk_norm else None, self.k_norm.weight if self.qk_norm else None,
-                         self.q_norm.eps if self.qk_norm else 0.0,
+            qk_norm_rope(q, k, positions, self.rotary_emb.cos_sin, *self._qk_norm_args(),
                          v=v, k_cache=self.attn.k_cache, v_cache=self.attn.v_cache, slot_mapping=meta.slot_mapping)
             return self.o_proj(self.attn(q, k, v, meta, kv_stored=True))
         if self.qk_norm:

@@ -140,13 +140,11 @@ def choose_config(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False,
     m, k = x.shape
     n = weight.shape[0]
     out_n = n // 2 if silu_mul else n
-    if not (x.is_cuda and 2 <= m <= MAX_ROWS and weight.shape[1] == k and x.dtype == weight.dtype
-            and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
-            and x.stride(1) == 1 and weight.stride(1) == 1 and (not silu_mul or n % 2 == 0)):
+    if not (_runs(x, weight, MAX_ROWS) and (not silu_mul or n % 2 == 0)):
         return None
     block_m = 16 if m <= 16 else (32 if m <= 64 else 64)
     block_n = next((b for b in (64, 32, 16) if out_n % b == 0), None)
-    block_k = next((b for b in (128, 64, 32, 16) if k % b == 0), None)
+    block_k = _k_tile(k)
     if block_n is None or block_k is None:
         return None
     tiles = out_n // block_n * triton.cdiv(m, block_m)
@@ -156,9 +154,27 @@ def choose_config(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False,
             split *= 2
     if m > 64 and split == 1:
         return None
-    per_stage = ((2 if silu_mul else 1) * block_n + block_m) * block_k * x.element_size()
-    stages = max(2, min(5, _SMEM_BUDGET // per_stage))
+    stages = pipeline_stages(((2 if silu_mul else 1) * block_n + block_m) * block_k * x.element_size())
     return GemmConfig(block_m, block_n, block_k, split, stages, 4)
+
+
+def _runs(x: torch.Tensor, weight: torch.Tensor, max_rows: int) -> bool:
+    """Whether these kernels take x [M, K] @ weight [N, K]^T at all: CUDA, 2..max_rows rows, one 16/32-bit
+    float dtype, unit stride along K."""
+    m, k = x.shape
+    return (x.is_cuda and 2 <= m <= max_rows and weight.shape[1] == k and x.dtype == weight.dtype
+            and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and x.stride(1) == 1 and weight.stride(1) == 1)
+
+
+def _k_tile(k: int) -> Optional[int]:
+    """The deepest K tile (128 down to 16) that divides K, or None."""
+    return next((b for b in (128, 64, 32, 16) if k % b == 0), None)
+
+
+def pipeline_stages(bytes_per_stage: int) -> int:
+    """How many K tiles deep the pipeline goes: what fits the shared-memory budget, 2 to 5."""
+    return max(2, min(5, _SMEM_BUDGET // bytes_per_stage))
 
 
 # ---- q/k/v projection with q/k RMSNorm, rotary and the K/V cache write in its epilogue -------------------
@@ -254,17 +270,12 @@ def choose_qkv_rope_config(x: torch.Tensor, weight: torch.Tensor, head_dim: int)
     up to 64 rows (one head x 16 rows a program keeps >= 128 programs busy), 32 above; 128-deep K tiles."""
     m, k = x.shape
     half = head_dim // 2
-    if not (x.is_cuda and 2 <= m <= QKV_ROPE_MAX_ROWS and weight.shape[1] == k and x.dtype == weight.dtype
-            and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and x.stride(1) == 1
-            and weight.stride(1) == 1 and half >= 16 and (half & (half - 1)) == 0
-            and weight.shape[0] % head_dim == 0):
-        return None
-    block_k = next((b for b in (128, 64, 32, 16) if k % b == 0), None)
-    if block_k is None:
+    block_k = _k_tile(k)
+    if not (_runs(x, weight, QKV_ROPE_MAX_ROWS) and half >= 16 and (half & (half - 1)) == 0
+            and weight.shape[0] % head_dim == 0 and block_k is not None):
         return None
     block_m = 16 if m <= 64 else 32
-    per_stage = (head_dim + block_m) * block_k * x.element_size()
-    stages = max(2, min(5, _SMEM_BUDGET // per_stage))
+    stages = pipeline_stages((head_dim + block_m) * block_k * x.element_size())
     return QkvRopeConfig(block_m, block_k, stages, 4)
 
 
