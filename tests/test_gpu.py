@@ -7,7 +7,7 @@ import torch
 
 from conftest import hf_greedy
 from nanovllm import LLM, SamplingParams
-from test_engine import MAX_TOKENS, PROMPTS, make_prompts
+from test_engine import MAX_TOKENS, PROMPTS
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
@@ -58,30 +58,9 @@ def test_chunked_prefill_next_to_decodes_matches_transformers(tiny_models):
     assert [o.token_ids for o in outs] == hf_greedy(path, PROMPTS, MAX_TOKENS)
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "qwen3-wide", "qwen2"])
-def test_two_stream_decode_graphs_match_transformers(tiny_models, arch, monkeypatch):
-    """Decode graphs of 32+ rows run as two micro-batches on two streams (CausalLM.forward_two_streams):
-    40 sequences (the 48-row graph: halves of 24, the second partly padding) and, with two streams from 8
-    rows up, 16 then 5 sequences. Greedy float32 output equals transformers."""
-    path = tiny_models[arch]
-    many = make_prompts(40, seed=1)
-    with LLM(path, dtype="float32", attention_backend="triton", max_model_len=256) as llm:
-        outs = llm.generate(many, GREEDY, use_tqdm=False)
-    assert [o.token_ids for o in outs] == hf_greedy(path, many, MAX_TOKENS)
-    monkeypatch.setenv("NANOVLLM_TWO_STREAMS", "8")
-    with LLM(path, dtype="float32", attention_backend="triton", max_model_len=256) as llm:
-        sixteen = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
-        five = llm.generate(PROMPTS[5:10], GREEDY, use_tqdm=False)
-    assert [o.token_ids for o in sixteen] == hf_greedy(path, PROMPTS, MAX_TOKENS)
-    assert [o.token_ids for o in five] == hf_greedy(path, PROMPTS[5:10], MAX_TOKENS)
-
-
-@pytest.mark.parametrize("two_streams", ["0", "8"], ids=["one-stream", "two-streams"])
 @pytest.mark.parametrize("arch", ["qwen3", "qwen3-wide"])
-def test_bf16_graph_logits_match_eager(tiny_models, arch, two_streams, monkeypatch):
-    """Replay a captured decode graph and run the same step eagerly: bf16 logits agree (the 8-row graph on
-    one stream, or as two micro-batches of 4 rows on two)."""
-    monkeypatch.setenv("NANOVLLM_TWO_STREAMS", two_streams)
+def test_bf16_graph_logits_match_eager(tiny_models, arch):
+    """Replay a captured decode graph and run the same step eagerly: bf16 logits agree."""
     from parallel.distributed import ParallelContext
     from parallel.protocol import NewRequest, SamplingFields, StepPlan
     from workers.model_runner import ModelRunner

@@ -13,9 +13,7 @@ mirror. Under tensor parallelism rank 0 samples and broadcasts the tokens to the
 
 from __future__ import annotations
 
-import functools
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -32,8 +30,6 @@ from workers.sampler import SamplingBatch, sample
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 GRAPH_RESERVE_BYTES = 512 << 20  # kept free for CUDA graphs and allocator slack when sizing the KV cache
-# decode graphs of at least this many rows run as two micro-batches on two streams (CausalLM.forward_two_streams)
-TWO_STREAM_MIN_ROWS = 32
 
 
 @dataclass
@@ -258,48 +254,30 @@ class ModelRunner:
         # is launched again while its previous launch is still queued, which is exactly what launching
         # step N+1 before step N has finished does. Instances share one memory pool (they never overlap).
         self.graph_outputs: Dict[int, List[torch.Tensor]] = {}
-        self.graph_metas: Dict[int, object] = {}  # the graphs read these (one metadata or two): keep them alive
+        self.graph_metas: Dict[int, AttentionMetadata] = {}  # the graphs read these tensors: keep them alive
         pool = None
         g = self.graph_inputs
-        two_streams = self._two_stream_min_rows()
-        side_stream = torch.cuda.Stream(dev)
         for size in reversed(sizes):  # largest first, so smaller graphs reuse its memory pool
-            if size >= two_streams:
-                half = size // 2
-                metas = self.graph_metas[size] = (self._graph_meta(0, half), self._graph_meta(half, size))
-                forward = functools.partial(self.model.forward_two_streams, metas=metas, side_stream=side_stream)
-            else:
-                meta = self.graph_metas[size] = self._graph_meta(0, size)
-                forward = functools.partial(self.model, meta=meta)
+            meta = self.graph_metas[size] = self._graph_meta(size)
             for _ in range(2):  # eager runs compile the kernels for this shape before capture
-                forward(g["input_ids"][:size], g["positions"][:size])
+                self.model(g["input_ids"][:size], g["positions"][:size], meta)
             torch.cuda.synchronize(dev)
             self.graphs[size], self.graph_outputs[size] = [], []
             for _ in range(2):
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    out = forward(g["input_ids"][:size], g["positions"][:size])
+                    out = self.model(g["input_ids"][:size], g["positions"][:size], meta)
                 pool = graph.pool()
                 self.graphs[size].append(graph)
                 self.graph_outputs[size].append(out)
         torch.cuda.synchronize(dev)
 
-    def _graph_meta(self, start: int, stop: int) -> AttentionMetadata:
-        """Decode metadata over rows ``[start, stop)`` of the graph input buffers."""
+    def _graph_meta(self, size: int) -> AttentionMetadata:
         g = self.graph_inputs
         return AttentionMetadata(
-            slot_mapping=g["slot_mapping"][start:stop], context_lens=g["context_lens"][start:stop],
-            cu_seqlens_q=torch.arange(stop - start + 1, dtype=torch.int32, device=self.device),
-            block_tables=g["block_tables"][start:stop], max_seqlen_q=1, is_decode=True)
-
-    def _two_stream_min_rows(self) -> float:
-        """Decode graphs from this size up run as two micro-batches on two streams: at TP 1 only (under TP
-        the streams' all-reduces could interleave differently on different ranks), and not with
-        ``NANOVLLM_TWO_STREAMS=0`` (``=N``: from N rows up, for measurements)."""
-        setting = os.environ.get("NANOVLLM_TWO_STREAMS", "1")
-        if self.ctx.world_size > 1 or setting == "0":
-            return math.inf
-        return TWO_STREAM_MIN_ROWS if setting == "1" else int(setting)
+            slot_mapping=g["slot_mapping"][:size], context_lens=g["context_lens"][:size],
+            cu_seqlens_q=torch.arange(size + 1, dtype=torch.int32, device=self.device),
+            block_tables=g["block_tables"][:size], max_seqlen_q=1, is_decode=True)
 
     # ---- applying a plan -----------------------------------------------------------------------------
 

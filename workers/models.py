@@ -100,10 +100,6 @@ class DecoderAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, spec.head_dim, spec.head_dim ** -0.5, backend)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        return self.o_proj(self.attention(self.project(positions, x, meta), meta))
-
-    def project(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> tuple:
-        """q, k, v of this step's tokens, normed and rotated, and whether their K/V is already in the cache."""
         if x.is_cuda and self.attn.k_cache is not None:
             # decode batch sizes: q/k norms, rotary and the K/V cache write run in the projection's epilogue
             from workers.kernels import decode_gemm
@@ -114,8 +110,9 @@ class DecoderAttention(nn.Module):
                     x, proj.weight, proj.bias, config, self.num_heads, self.num_kv_heads, self.head_dim, positions,
                     self.rotary_emb.cos_sin, *self._qk_norm_args(), self.attn.k_cache, self.attn.v_cache,
                     meta.slot_mapping)
-                return (*qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1), True)
-        return self.rope_and_store(positions, self.qkv_proj(x), meta)
+                q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+                return self.o_proj(self.attn(q, k, v, meta, kv_stored=True))
+        return self.attend(positions, self.qkv_proj(x), meta)
 
     def _qk_norm_args(self) -> tuple:
         """(q_norm weight, k_norm weight, eps) for the fused kernels; (None, None, 0.0) without q/k norms."""
@@ -123,9 +120,8 @@ class DecoderAttention(nn.Module):
             return None, None, 0.0
         return self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
 
-    def rope_and_store(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata) -> tuple:
-        """The q/k/v projection's output -> (q, k, v, K/V stored): q/k norms and rotary, and on CUDA the
-        cache write too."""
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Everything after the q/k/v projection: norms, rotary, the cache write, attention, o_proj."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -136,16 +132,11 @@ class DecoderAttention(nn.Module):
             v = v.view(-1, self.num_kv_heads, self.head_dim)
             qk_norm_rope(q, k, positions, self.rotary_emb.cos_sin, *self._qk_norm_args(),
                          v=v, k_cache=self.attn.k_cache, v_cache=self.attn.v_cache, slot_mapping=meta.slot_mapping)
-            return q, k, v, True
+            return self.o_proj(self.attn(q, k, v, meta, kv_stored=True))
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
-        return q, k, v, False
-
-    def attention(self, projected: tuple, meta: AttentionMetadata) -> torch.Tensor:
-        """Attention over the paged cache (writing this step's K/V first unless ``project`` did)."""
-        q, k, v, kv_stored = projected
-        return self.attn(q, k, v, meta, kv_stored=kv_stored)
+        return self.o_proj(self.attn(q, k, v, meta))
 
 
 class DecoderMLP(nn.Module):
@@ -180,21 +171,12 @@ class DecoderLayer(nn.Module):
         down projection's split-K partial sums, which the next RMSNorm adds up."""
         if positions.is_cuda and positions.shape[0] == 1 and self._one_row_kernels_fit(hidden):
             return self._forward_one_row(positions, hidden, residual, meta)
-        projected, residual = self.before_attention(positions, hidden, residual, meta)
-        return self.after_attention(self.self_attn.attention(projected, meta), residual)
-
-    def before_attention(self, positions, hidden, residual, meta):
-        """Residual add, input RMSNorm and the q/k/v projection -> (``DecoderAttention.project``'s tuple,
-        residual)."""
         if residual is None:
             hidden, residual = self.input_layernorm(hidden), hidden
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        return self.self_attn.project(positions, hidden, meta), residual
-
-    def after_attention(self, attention_out, residual):
-        """o projection, residual add, post-attention RMSNorm and the MLP -> (hidden, residual)."""
-        hidden, residual = self.post_attention_layernorm(self.self_attn.o_proj(attention_out), residual)
+        hidden = self.self_attn(positions, hidden, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
     def _one_row_kernels_fit(self, hidden: torch.Tensor) -> bool:
@@ -211,7 +193,7 @@ class DecoderLayer(nn.Module):
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         qkv, residual = small_linear.rmsnorm_linear(hidden, residual, norm1.weight, norm1.eps, attn.qkv_proj.weight,
                                                     attn.qkv_proj.bias)
-        hidden = attn.o_proj(attn.attention(attn.rope_and_store(positions, qkv, meta), meta))
+        hidden = attn.attend(positions, qkv, meta)
         gate_up, residual = small_linear.rmsnorm_linear(hidden, residual, norm2.weight, norm2.eps,
                                                         mlp.gate_up_proj.weight, mlp.gate_up_proj.bias)
         return mlp.down_proj.reduce(small_linear.silu_mul_linear(gate_up, mlp.down_proj.weight)), residual
@@ -231,46 +213,6 @@ class DecoderModel(nn.Module):
             hidden, residual = layer(positions, hidden, residual, meta)
         hidden, _ = self.norm(hidden, residual)
         return hidden
-
-    def forward_two_streams(self, input_ids, positions, metas, side_stream: torch.cuda.Stream):
-        """A decode step as two micro-batches, rows ``[0, n0)`` and ``[n0, n)`` (``metas``: each one's
-        attention metadata, ``n0`` rows in the first), on the current stream and ``side_stream``.
-
-        Decode attention is bound by memory bandwidth; the projections, norms and MLP around it, at decode
-        batch sizes, by latency and tensor-core work. Split in two, one micro-batch's attention runs while
-        the other's GEMMs do. The attentions themselves take turns (an event chain: A0, B0, A1, B1, ...),
-        so each has the memory system to itself and the GEMMs fill in beside it. Same results as
-        ``forward`` row for row. For CUDA-graph capture (workers.model_runner); not under TP, where the two
-        streams' all-reduces on one communicator could interleave differently on different ranks.
-        """
-        main = torch.cuda.current_stream()
-        streams = (main, side_stream)
-        n0 = metas[0].context_lens.shape[0]
-        rows = (slice(0, n0), slice(n0, input_ids.shape[0]))
-        embedded = self.embed_tokens(input_ids)  # on main, read by both: alive until the streams join
-        side_stream.wait_stream(main)
-        states = [(embedded[r], None) for r in rows]
-        attention_done = None  # the event the next attention waits for: the other micro-batch's last one
-        for layer in self.layers:
-            outs = []
-            for stream, r, meta, (hidden, residual) in zip(streams, rows, metas, states):
-                with torch.cuda.stream(stream):
-                    projected, residual = layer.before_attention(positions[r], hidden, residual, meta)
-                    if attention_done is not None:
-                        stream.wait_event(attention_done)
-                    outs.append((layer.self_attn.attention(projected, meta), residual))
-                    attention_done = torch.cuda.Event()
-                    attention_done.record(stream)
-            states = []
-            for stream, (attention_out, residual) in zip(streams, outs):
-                with torch.cuda.stream(stream):
-                    states.append(layer.after_attention(attention_out, residual))
-        normed = []
-        for stream, (hidden, residual) in zip(streams, states):
-            with torch.cuda.stream(stream):
-                normed.append(self.norm(hidden, residual)[0])
-        main.wait_stream(side_stream)
-        return torch.cat(normed)
 
 
 class CausalLM(nn.Module):
@@ -295,9 +237,6 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, meta)
-
-    def forward_two_streams(self, input_ids, positions, metas, side_stream) -> torch.Tensor:
-        return self.model.forward_two_streams(input_ids, positions, metas, side_stream)
 
     def compute_logits(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:
         """Full-vocabulary logits on rank 0, None elsewhere."""
