@@ -30,6 +30,7 @@ from workers.sampler import SamplingBatch, sample
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 GRAPH_RESERVE_BYTES = 512 << 20  # kept free for CUDA graphs and allocator slack when sizing the KV cache
+PREFILL_GRAPH_TOKENS = (64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)  # see prefill_graph_sizes
 
 
 @dataclass
@@ -84,6 +85,14 @@ def graph_batch_sizes(max_num_seqs: int) -> List[int]:
     return sizes
 
 
+def prefill_graph_sizes(max_num_batched_tokens: int, max_model_len: int) -> List[int]:
+    """Token counts captured as one-sequence prefill graphs; a prefill (or chunk) of one sequence runs in the
+    smallest one that fits it. Eager, such a step costs the host ~10 launches a layer, which for a prompt of
+    a few hundred tokens is longer than the device's work (time to first token at batch 1)."""
+    top = min(max_num_batched_tokens, max_model_len)
+    return [s for s in PREFILL_GRAPH_TOKENS if s <= top]
+
+
 class ModelRunner:
     def __init__(self, config: WorkerConfig, ctx: ParallelContext, device: torch.device):
         self.config, self.ctx, self.device = config, ctx, device
@@ -123,6 +132,7 @@ class ModelRunner:
         self.prev_tokens: Optional[torch.Tensor] = None
         self.prev_index: Dict[int, int] = {}
         self.graphs: Dict[int, List[torch.cuda.CUDAGraph]] = {}
+        self.prefill_graphs: Dict[int, tuple] = {}  # tokens -> (graph, its output, its metadata)
         seqs, tokens = config.max_num_seqs, config.max_num_batched_tokens
         self.staging = Staging(device, {
             torch.int64: 4 * tokens + 8 * seqs + 16 * Staging.ALIGN,
@@ -270,6 +280,39 @@ class ModelRunner:
                 pool = graph.pool()
                 self.graphs[size].append(graph)
                 self.graph_outputs[size].append(out)
+        torch.cuda.synchronize(dev)
+        self._capture_prefill_graphs(pool)
+
+    def _capture_prefill_graphs(self, pool) -> None:
+        """One graph per ``prefill_graph_sizes`` entry for steps that prefill exactly one sequence: its
+        tokens in the first rows, the rest padding (slot -1, attended by no sequence). Attention is the
+        Triton paged prefill kernel, whose grid depends only on the graph's size, with or without a cached
+        prefix. Triton backend only (flash-attn's varlen prefill reads host lengths)."""
+        sizes = prefill_graph_sizes(self.config.max_num_batched_tokens, self.config.max_model_len)
+        if not sizes or getattr(self.backend, "name", None) != "triton":
+            return
+        top, dev = sizes[-1], self.device
+        p = self.prefill_inputs = {
+            "input_ids": torch.zeros(top, dtype=torch.int64, device=dev),
+            "positions": torch.zeros(top, dtype=torch.int64, device=dev),
+            "slot_mapping": torch.full((top,), -1, dtype=torch.int64, device=dev),
+            "context_lens": torch.zeros(1, dtype=torch.int32, device=dev),
+            "cu_seqlens_q": torch.zeros(2, dtype=torch.int32, device=dev),
+            "block_tables": torch.zeros((1, self.max_blocks_per_seq), dtype=torch.int32, device=dev),
+        }
+        for size in reversed(sizes):  # largest first, as for the decode graphs (same pool)
+            meta = AttentionMetadata(slot_mapping=p["slot_mapping"][:size], context_lens=p["context_lens"],
+                                     cu_seqlens_q=p["cu_seqlens_q"], block_tables=p["block_tables"],
+                                     max_seqlen_q=size, is_decode=False)
+            ids, positions = p["input_ids"][:size], p["positions"][:size]
+            for _ in range(2):  # compile this shape's kernels (zero lengths: nothing read or written)
+                self.model(ids, positions, meta)
+            torch.cuda.synchronize(dev)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self.model(ids, positions, meta)
+            pool = graph.pool()
+            self.prefill_graphs[size] = (graph, out, meta)
         torch.cuda.synchronize(dev)
 
     def _graph_meta(self, size: int) -> AttentionMetadata:
@@ -435,8 +478,13 @@ class ModelRunner:
         batch = len(scheduled)
         is_decode = int(inp["q_lens"].max()) == 1
         fitting = [size for size in self.graphs if size >= batch] if is_decode else []
+        num_tokens = int(inp["cu"][-1])
+        prefill_fitting = [size for size in self.prefill_graphs if size >= num_tokens] \
+            if batch == 1 and not is_decode else []
         if fitting:
             hidden = self._run_graph(min(fitting), batch, inp)
+        elif prefill_fitting:
+            hidden = self._run_prefill_graph(min(prefill_fitting), num_tokens, inp)
         else:
             ids = self._to_device(inp["input_ids"], torch.int64)
             self._fill_from_prev(ids, inp)
@@ -497,6 +545,20 @@ class ModelRunner:
         instance = self.staging.turn  # alternates every step
         self.graphs[size][instance].replay()
         return self.graph_outputs[size][instance][:batch]
+
+    def _run_prefill_graph(self, size: int, num_tokens: int, inp: dict) -> torch.Tensor:
+        """One sequence's ``num_tokens`` new tokens through the ``size``-token prefill graph."""
+        p, put = self.prefill_inputs, self.staging.put_into
+        put(p["input_ids"][:num_tokens], inp["input_ids"])
+        self._fill_from_prev(p["input_ids"], inp)
+        put(p["positions"][:num_tokens], inp["positions"])
+        put(p["slot_mapping"][:size], np.pad(inp["slots"], (0, size - num_tokens), constant_values=-1))
+        put(p["context_lens"], inp["ends"])
+        put(p["cu_seqlens_q"], inp["cu"])
+        put(p["block_tables"][:, :inp["width"]], self.block_table[inp["rows"], :inp["width"]])
+        graph, out, _ = self.prefill_graphs[size]
+        graph.replay()
+        return out[:num_tokens]
 
     def _prefill_seq_groups(self, q_lens) -> Optional[list]:
         """Sequence groups by query length for backends that launch prefill attention per group."""
