@@ -398,3 +398,12 @@ def test_graph_batch_sizes():
     assert graph_batch_sizes(1) == [1]
     assert graph_batch_sizes(40) == [1, 8, 16, 32, 40]
     assert graph_batch_sizes(1000)[-1] == 512
+
+
+def test_prefill_graph_sizes():
+    from workers.model_runner import prefill_graph_sizes
+
+    assert prefill_graph_sizes(16384, 4096) == [64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048]
+    assert prefill_graph_sizes(512, 256) == [64, 128, 192, 256]  # capped by the model length
+    assert prefill_graph_sizes(64, 4096) == [64]  # and by the step's token budget
+    assert prefill_graph_sizes(32, 4096) == []
