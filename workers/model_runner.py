@@ -536,23 +536,25 @@ class ModelRunner:
     def _run_graph(self, size: int, batch: int, inp: dict) -> torch.Tensor:
         """Inputs go straight from the pinned staging buffers into the graph's input buffers."""
         g, put = self.graph_inputs, self.staging.put_into
-        put(g["input_ids"][:batch], inp["input_ids"])
-        self._fill_from_prev(g["input_ids"], inp)
-        put(g["positions"][:batch], inp["positions"])
-        put(g["slot_mapping"][:size], np.pad(inp["slots"], (0, size - batch), constant_values=-1))
+        self._put_token_inputs(g, size, inp)
         put(g["context_lens"][:size], np.pad(inp["ends"], (0, size - batch)))
         put(g["block_tables"][:batch, :inp["width"]], self.block_table[inp["rows"], :inp["width"]])
         instance = self.staging.turn  # alternates every step
         self.graphs[size][instance].replay()
         return self.graph_outputs[size][instance][:batch]
 
+    def _put_token_inputs(self, buffers: dict, size: int, inp: dict) -> None:
+        """A step's per-token inputs into a graph's buffers; rows past the step's tokens get slot -1."""
+        put, num_tokens = self.staging.put_into, len(inp["positions"])
+        put(buffers["input_ids"][:num_tokens], inp["input_ids"])
+        self._fill_from_prev(buffers["input_ids"], inp)
+        put(buffers["positions"][:num_tokens], inp["positions"])
+        put(buffers["slot_mapping"][:size], np.pad(inp["slots"], (0, size - num_tokens), constant_values=-1))
+
     def _run_prefill_graph(self, size: int, num_tokens: int, inp: dict) -> torch.Tensor:
         """One sequence's ``num_tokens`` new tokens through the ``size``-token prefill graph."""
         p, put = self.prefill_inputs, self.staging.put_into
-        put(p["input_ids"][:num_tokens], inp["input_ids"])
-        self._fill_from_prev(p["input_ids"], inp)
-        put(p["positions"][:num_tokens], inp["positions"])
-        put(p["slot_mapping"][:size], np.pad(inp["slots"], (0, size - num_tokens), constant_values=-1))
+        self._put_token_inputs(p, size, inp)
         put(p["context_lens"], inp["ends"])
         put(p["cu_seqlens_q"], inp["cu"])
         put(p["block_tables"][:, :inp["width"]], self.block_table[inp["rows"], :inp["width"]])
