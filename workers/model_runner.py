@@ -132,7 +132,7 @@ class ModelRunner:
         self.prev_tokens: Optional[torch.Tensor] = None
         self.prev_index: Dict[int, int] = {}
         self.graphs: Dict[int, List[torch.cuda.CUDAGraph]] = {}
-        self.prefill_graphs: Dict[int, tuple] = {}  # tokens -> (graph, its output, its metadata)
+        self.prefill_graphs: Dict[int, tuple] = {}  # tokens -> (graph, its output)
         seqs, tokens = config.max_num_seqs, config.max_num_batched_tokens
         self.staging = Staging(device, {
             torch.int64: 4 * tokens + 8 * seqs + 16 * Staging.ALIGN,
@@ -289,7 +289,7 @@ class ModelRunner:
         Triton paged prefill kernel, whose grid depends only on the graph's size, with or without a cached
         prefix. Triton backend only (flash-attn's varlen prefill reads host lengths)."""
         sizes = prefill_graph_sizes(self.config.max_num_batched_tokens, self.config.max_model_len)
-        if not sizes or getattr(self.backend, "name", None) != "triton":
+        if not sizes or self.backend.name != "triton":
             return
         top, dev = sizes[-1], self.device
         p = self.prefill_inputs = {
@@ -312,7 +312,7 @@ class ModelRunner:
             with torch.cuda.graph(graph, pool=pool):
                 out = self.model(ids, positions, meta)
             pool = graph.pool()
-            self.prefill_graphs[size] = (graph, out, meta)
+            self.prefill_graphs[size] = (graph, out)  # meta's tensors are views of prefill_inputs
         torch.cuda.synchronize(dev)
 
     def _graph_meta(self, size: int) -> AttentionMetadata:
@@ -558,7 +558,7 @@ class ModelRunner:
         put(p["context_lens"], inp["ends"])
         put(p["cu_seqlens_q"], inp["cu"])
         put(p["block_tables"][:, :inp["width"]], self.block_table[inp["rows"], :inp["width"]])
-        graph, out, _ = self.prefill_graphs[size]
+        graph, out = self.prefill_graphs[size]
         graph.replay()
         return out[:num_tokens]
 
