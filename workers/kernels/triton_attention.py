@@ -224,8 +224,10 @@ def _decode_split_kernel(
     BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
-    pid_b = tl.program_id(0)
-    kvh = tl.program_id(1)
+    # KV heads fastest: consecutive programs read the same cache blocks (a block holds every head of its
+    # tokens), so the memory sees whole blocks requested together
+    kvh = tl.program_id(0)
+    pid_b = tl.program_id(1)
     sid = tl.program_id(2)
 
     ctx = tl.load(ContextLens + pid_b)
@@ -266,7 +268,7 @@ def _decode_split_kernel(
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         o = acc / l_safe[:, None]
         lse = m_i + tl.log2(l_safe)
-        row = (pid_b.to(tl.int64) * (GROUP * tl.num_programs(1)) + heads) * NUM_SPLITS + sid  # [B, Hq, S]
+        row = (pid_b.to(tl.int64) * (GROUP * tl.num_programs(0)) + heads) * NUM_SPLITS + sid  # [B, Hq, S]
         tl.store(LseWs + row, lse, mask=mask_hv)
         tl.store(OWs + row[:, None] * BLOCK_D + offs_d[None, :], o,
                  mask=mask_hv[:, None] & mask_d[None, :])
@@ -403,7 +405,7 @@ def _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_s
     else:
         o_ws = lse_ws = out  # unused
 
-    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+    _decode_split_kernel[(num_kv_heads, batch, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, o_ws, lse_ws,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
