@@ -18,6 +18,9 @@ DTYPE_NAMES = {"float32": "float32", "float": "float32", "float16": "float16", "
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
 
 
+MAX_NUM_SEQS = 65535  # the CUDA grid's second dimension, which the decode attention gives the batch
+
+
 @dataclass
 class EngineConfig:
     model: str
@@ -90,6 +93,9 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name}={value!r}: must be an int >= {minimum}")
+        if self.max_num_seqs > MAX_NUM_SEQS:
+            raise ValueError(f"max_num_seqs={self.max_num_seqs}: must be at most {MAX_NUM_SEQS} (a decode batch is "
+                             "one dimension of the attention kernels' CUDA grid)")
         if self.kvcache_block_size & (self.kvcache_block_size - 1):
             raise ValueError(f"kvcache_block_size={self.kvcache_block_size}: must be a power of two")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):

@@ -61,6 +61,8 @@ def test_bad_engine_arguments(tiny_models, tmp_path):
         LLM(tiny_models["qwen3"], device="cpu", attention_backend="triton")
     with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
         LLM(tiny_models["qwen3"], max_model_len=100000)
+    with pytest.raises(ValueError, match="max_num_seqs=70000: must be at most 65535"):
+        LLM(tiny_models["qwen3"], max_num_seqs=70000)
     bad = tmp_path / "bert"
     bad.mkdir()
     (bad / "config.json").write_text('{"architectures": ["BertModel"], "vocab_size": 10}')

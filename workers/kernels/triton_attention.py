@@ -405,6 +405,7 @@ def _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_s
     else:
         o_ws = lse_ws = out  # unused
 
+    assert batch <= 65535, f"decode batch {batch} exceeds the CUDA grid's second dimension (65535)"
     _decode_split_kernel[(num_kv_heads, batch, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, o_ws, lse_ws,
         q.stride(0), q.stride(1), q.stride(2),
