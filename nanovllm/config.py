@@ -18,7 +18,7 @@ DTYPE_NAMES = {"float32": "float32", "float": "float32", "float16": "float16", "
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
 
 
-MAX_NUM_SEQS = 65535  # the CUDA grid's second dimension, which the decode attention gives the batch
+MAX_NUM_SEQS = 65535  # the attention kernels put the batch on a CUDA grid dimension (y or z: at most 65535)
 
 
 @dataclass

@@ -13,6 +13,7 @@ mirror. Under tensor parallelism rank 0 samples and broadcasts the tokens to the
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -254,9 +255,7 @@ class ModelRunner:
         sizes = graph_batch_sizes(self.config.max_num_seqs)
         top, dev = sizes[-1], self.device
         self.graph_inputs = {
-            "input_ids": torch.zeros(top, dtype=torch.int64, device=dev),
-            "positions": torch.zeros(top, dtype=torch.int64, device=dev),
-            "slot_mapping": torch.full((top,), -1, dtype=torch.int64, device=dev),
+            **self._token_buffers(top),
             "context_lens": torch.zeros(top, dtype=torch.int32, device=dev),
             "block_tables": torch.zeros((top, self.max_blocks_per_seq), dtype=torch.int32, device=dev),
         }
@@ -269,19 +268,32 @@ class ModelRunner:
         g = self.graph_inputs
         for size in reversed(sizes):  # largest first, so smaller graphs reuse its memory pool
             meta = self.graph_metas[size] = self._graph_meta(size)
-            for _ in range(2):  # eager runs compile the kernels for this shape before capture
-                self.model(g["input_ids"][:size], g["positions"][:size], meta)
-            torch.cuda.synchronize(dev)
-            self.graphs[size], self.graph_outputs[size] = [], []
-            for _ in range(2):
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    out = self.model(g["input_ids"][:size], g["positions"][:size], meta)
-                pool = graph.pool()
-                self.graphs[size].append(graph)
-                self.graph_outputs[size].append(out)
+            run = functools.partial(self.model, g["input_ids"][:size], g["positions"][:size], meta)
+            self.graphs[size], self.graph_outputs[size], pool = self._capture(run, pool, instances=2)
         torch.cuda.synchronize(dev)
         self._capture_prefill_graphs(pool)
+
+    def _token_buffers(self, rows: int) -> Dict[str, torch.Tensor]:
+        """A graph's per-token input buffers (filled by ``_put_token_inputs``); slot -1 = padding."""
+        dev = self.device
+        return {"input_ids": torch.zeros(rows, dtype=torch.int64, device=dev),
+                "positions": torch.zeros(rows, dtype=torch.int64, device=dev),
+                "slot_mapping": torch.full((rows,), -1, dtype=torch.int64, device=dev)}
+
+    def _capture(self, run: Callable[[], torch.Tensor], pool, instances: int):
+        """Two eager calls of ``run`` (they compile its kernels for this shape), then ``instances`` CUDA
+        graphs of it in ``pool``: (graphs, their outputs, the pool for the next capture)."""
+        for _ in range(2):
+            run()
+        torch.cuda.synchronize(self.device)
+        graphs, outputs = [], []
+        for _ in range(instances):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                outputs.append(run())
+            pool = graph.pool()
+            graphs.append(graph)
+        return graphs, outputs, pool
 
     def _capture_prefill_graphs(self, pool) -> None:
         """One graph per ``prefill_graph_sizes`` entry for steps that prefill exactly one sequence: its
@@ -293,9 +305,7 @@ class ModelRunner:
             return
         top, dev = sizes[-1], self.device
         p = self.prefill_inputs = {
-            "input_ids": torch.zeros(top, dtype=torch.int64, device=dev),
-            "positions": torch.zeros(top, dtype=torch.int64, device=dev),
-            "slot_mapping": torch.full((top,), -1, dtype=torch.int64, device=dev),
+            **self._token_buffers(top),
             "context_lens": torch.zeros(1, dtype=torch.int32, device=dev),
             "cu_seqlens_q": torch.zeros(2, dtype=torch.int32, device=dev),
             "block_tables": torch.zeros((1, self.max_blocks_per_seq), dtype=torch.int32, device=dev),
@@ -304,14 +314,9 @@ class ModelRunner:
             meta = AttentionMetadata(slot_mapping=p["slot_mapping"][:size], context_lens=p["context_lens"],
                                      cu_seqlens_q=p["cu_seqlens_q"], block_tables=p["block_tables"],
                                      max_seqlen_q=size, is_decode=False)
-            ids, positions = p["input_ids"][:size], p["positions"][:size]
-            for _ in range(2):  # compile this shape's kernels (zero lengths: nothing read or written)
-                self.model(ids, positions, meta)
-            torch.cuda.synchronize(dev)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = self.model(ids, positions, meta)
-            pool = graph.pool()
+            # the eager calls before capture see zero lengths: nothing is read or written
+            run = functools.partial(self.model, p["input_ids"][:size], p["positions"][:size], meta)
+            [graph], [out], pool = self._capture(run, pool, instances=1)
             self.prefill_graphs[size] = (graph, out)  # meta's tensors are views of prefill_inputs
         torch.cuda.synchronize(dev)
 
