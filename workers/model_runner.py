@@ -431,12 +431,15 @@ class ModelRunner:
         out_positions = ends - self.row_prompt_len[rows]  # index, among the outputs, of the token to sample
         top_k, top_p, min_p = self.row_top_k[rows], self.row_top_p[rows], self.row_min_p[rows]
         sampling = temps > 0
-        # two copies, not six; rows padded to the staging alignment so every row starts aligned
-        width = -(-len(rows) // Staging.ALIGN) * Staging.ALIGN
-        floats = self._to_device(_rows_padded([temps, top_p, min_p], width, np.float32), torch.float32)
-        ints = self._to_device(_rows_padded([top_k, self.row_seed[rows], out_positions], width, np.int64),
-                               torch.int64)
-        floats, ints = floats[:, :len(rows)], ints[:, :len(rows)]
+        if sampling.any():
+            # two copies, not six; rows padded to the staging alignment so every row starts aligned
+            width = -(-len(rows) // Staging.ALIGN) * Staging.ALIGN
+            floats = self._to_device(_rows_padded([temps, top_p, min_p], width, np.float32), torch.float32)
+            ints = self._to_device(_rows_padded([top_k, self.row_seed[rows], out_positions], width, np.int64),
+                                   torch.int64)
+            floats, ints = floats[:, :len(rows)], ints[:, :len(rows)]
+        else:  # every row greedy: the argmax reads none of these, so nothing is copied to the device
+            floats, ints = [None] * 3, [None] * 3
         batch = SamplingBatch(
             temperatures=floats[0], top_ps=floats[1], min_ps=floats[2],
             top_ks=ints[0], seeds=ints[1], positions=ints[2],
@@ -580,9 +583,13 @@ class ModelRunner:
     def _fill_from_prev(self, input_ids: torch.Tensor, inp: dict) -> None:
         """Inputs that are last step's sampled tokens: copied on the device, never through the host."""
         dst, src = inp["from_prev"]
-        if dst:
-            index = self._to_device(np.array([dst, src], dtype=np.int64), torch.int64)
-            input_ids[index[0]] = self.prev_tokens[index[1]]
+        if not dst:
+            return
+        if dst == src == list(range(len(dst))):  # the usual decode step: the same rows in the same order
+            input_ids[:len(dst)].copy_(self.prev_tokens[:len(dst)])
+            return
+        index = self._to_device(np.array([dst, src], dtype=np.int64), torch.int64)
+        input_ids[index[0]] = self.prev_tokens[index[1]]
 
     @staticmethod
     def is_done(handle: StepHandle) -> bool:

@@ -46,14 +46,15 @@ def gumbel_argmax_reference(logits: torch.Tensor, temperatures: torch.Tensor, se
 
 @dataclass
 class SamplingBatch:
-    """Per-row sampling parameters of the sequences that sample this step, as device tensors."""
+    """Per-row sampling parameters of the sequences that sample this step, as device tensors. The six
+    per-row tensors may be None when ``all_greedy`` (the argmax reads none of them)."""
 
-    temperatures: torch.Tensor  # [B] float32, 0 = greedy
-    top_ks: torch.Tensor  # [B] int64, <= 0 = off
-    top_ps: torch.Tensor  # [B] float32
-    min_ps: torch.Tensor  # [B] float32
-    seeds: torch.Tensor  # [B] int64
-    positions: torch.Tensor  # [B] int64, index of the token being sampled among the outputs
+    temperatures: Optional[torch.Tensor]  # [B] float32, 0 = greedy
+    top_ks: Optional[torch.Tensor]  # [B] int64, <= 0 = off
+    top_ps: Optional[torch.Tensor]  # [B] float32
+    min_ps: Optional[torch.Tensor]  # [B] float32
+    seeds: Optional[torch.Tensor]  # [B] int64
+    positions: Optional[torch.Tensor]  # [B] int64, index of the token being sampled among the outputs
     all_greedy: bool
     use_top_k: bool
     use_top_p: bool
