@@ -1,11 +1,13 @@
 """GPU only, exploratory: candidate kernels against what the engine runs (the engine does not import this).
 
-    python scripts/probe.py [--json out.json] [--only small,attn,dgemm,qkvrope]
+    python scripts/probe.py [--json out.json] [--only small,attn,dgemm,qkvrope,prefill]
 
 - small: workers.kernels.small_linear against cuBLAS at 1-4 rows (and cuBLAS at 8), per Qwen3-0.6B layer GEMM;
 - attn: the decode kernel over splits x tile x warps x stages at batch 256 / 128 / 64 / 8;
 - dgemm: workers.kernels.decode_gemm (block sizes x split-K x stages) against cuBLAS at 8-256 rows, with the
   following RMSNorm where the output is the hidden size (the consumer of the split-K partial sums);
+- prefill: the Triton prefill attention over BLOCK_M x BLOCK_N x warps x stages at one of bench.py's prefill
+  steps (prompts U[100, 1024] up to 16,384 tokens, no cached prefix), in causal TFLOP/s;
 - qkvrope: decode_gemm.qkv_rope (the q/k/v projection with q/k norm, rotary and the K/V cache write fused)
   over its row-tile sizes, against the projection as parallel.layers._linear runs it + fused.qk_norm_rope.
 Timings are CUDA graphs of 28 back-to-back calls on distinct memory (kernel_sweep.graph_time). Results of the
@@ -135,6 +137,40 @@ def probe_decode_gemm(bw, results):
                                                best=[(tt, t, tuple(c)) for tt, t, c in timed[:8]]))
 
 
+def probe_prefill(bw, results):
+    dev = torch.device("cuda")
+    rng = random.Random(0)
+    lens = []
+    while sum(lens) < 16384:
+        lens.append(min(rng.randint(100, 1024), 16384 - sum(lens)))
+    caches, table, ctx = paged_caches(lens, dev, 1024 // BLOCK)
+    cu = torch.tensor([0] + [sum(lens[:i + 1]) for i in range(len(lens))], dtype=torch.int32, device=dev)
+    q = torch.randn(sum(lens), HQ, D, device=dev, dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    flops = sum(n * n for n in lens) * 2 * D * HQ  # causal: QK^T and PV over half of each L x L square
+    default = ta._prefill_config(max(lens), D)
+    print(f"\n== prefill attention, {len(lens)} prompts, {sum(lens)} tokens (us/layer, causal TFLOP/s); "
+          f"default {default}")
+    rows = []
+    for bm in (64, 128):
+        for bn in (32, 64, 128):
+            for warps in (4, 8):
+                for stages in (2, 3, 4):
+                    cfg = (bm, bn, warps, stages)
+                    try:
+                        t = graph_time(lambda i: ta._prefill_launch(q, *caches[i], cu, ctx, table, 0.088, max(lens),
+                                                                    out, config=cfg))
+                    except Exception as e:  # noqa: BLE001
+                        print(f"   {cfg}: {type(e).__name__} {str(e)[:60]}")
+                        continue
+                    rows.append((t, cfg))
+                    results["prefill"].append(dict(config=cfg, seconds=t, tflops=flops / t / 1e12))
+    rows.sort()
+    for t, cfg in rows[:6] + [r for r in rows if r[1] == default]:
+        print(f"   {cfg}{' (default)' if cfg == default else ''}: {t * 1e6:7.1f} us ({flops / t / 1e12:5.0f} TFLOP/s)")
+    del caches
+
+
 def probe_qkv_rope(bw, results):
     """decode_gemm.qkv_rope against the unfused pair the model ran before it, per layer, at 2-256 rows."""
     from parallel.layers import _linear
@@ -195,12 +231,13 @@ def main():
     args = p.parse_args()
     bw = measure_copy_bandwidth()
     print(f"copy bandwidth {bw / 1e9:,.0f} GB/s")
-    results = {"copy_bandwidth": bw, "attention": [], "decode_gemm": [], "small_linear": [], "qkv_rope": []}
+    results = {"copy_bandwidth": bw, "attention": [], "decode_gemm": [], "small_linear": [], "qkv_rope": [], "prefill": []}
     parts = args.only.split(",")
     t0 = time.time()
     for part, fn in (("small", lambda: probe_small_linear(bw, results)), ("attn", lambda: probe_attention(bw, results)),
                      ("dgemm", lambda: probe_decode_gemm(bw, results)),
-                     ("qkvrope", lambda: probe_qkv_rope(bw, results))):
+                     ("qkvrope", lambda: probe_qkv_rope(bw, results)),
+                     ("prefill", lambda: probe_prefill(bw, results))):
         if part in parts:
             fn()
             print(f"[{part} done at {time.time() - t0:.0f} s]", flush=True)
