@@ -18,6 +18,7 @@ this script's earlier version, at commit `dc56805`).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -144,7 +145,7 @@ def probe_prefill(bw, results):
     while sum(lens) < 16384:
         lens.append(min(rng.randint(100, 1024), 16384 - sum(lens)))
     caches, table, ctx = paged_caches(lens, dev, 1024 // BLOCK)
-    cu = torch.tensor([0] + [sum(lens[:i + 1]) for i in range(len(lens))], dtype=torch.int32, device=dev)
+    cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=dev)
     q = torch.randn(sum(lens), HQ, D, device=dev, dtype=torch.bfloat16)
     out = torch.empty_like(q)
     flops = sum(n * n for n in lens) * 2 * D * HQ  # causal: QK^T and PV over half of each L x L square

@@ -431,7 +431,8 @@ class ModelRunner:
         out_positions = ends - self.row_prompt_len[rows]  # index, among the outputs, of the token to sample
         top_k, top_p, min_p = self.row_top_k[rows], self.row_top_p[rows], self.row_min_p[rows]
         sampling = temps > 0
-        if sampling.any():
+        all_greedy = not sampling.any()
+        if not all_greedy:
             # two copies, not six; rows padded to the staging alignment so every row starts aligned
             width = -(-len(rows) // Staging.ALIGN) * Staging.ALIGN
             floats = self._to_device(_rows_padded([temps, top_p, min_p], width, np.float32), torch.float32)
@@ -443,7 +444,7 @@ class ModelRunner:
         batch = SamplingBatch(
             temperatures=floats[0], top_ps=floats[1], min_ps=floats[2],
             top_ks=ints[0], seeds=ints[1], positions=ints[2],
-            all_greedy=not sampling.any(),
+            all_greedy=all_greedy,
             use_top_k=bool((sampling & (top_k > 0)).any()),
             use_top_p=bool((sampling & (top_p < 1.0)).any()),
             use_min_p=bool((sampling & (min_p > 0.0)).any()),
