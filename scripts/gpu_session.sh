@@ -37,11 +37,11 @@ for what in "${@:-all}"; do
     bench|all) NANOVLLM_STEP_TIMING=1 python3 bench.py --runs 2 ${BENCH_ARGS:-} --json "$OUT/bench.json" 2>&1 | grep -v "^W1122" | tee "$OUT/bench.log" ;;&
     bench-fa3) NANOVLLM_STEP_TIMING=1 python3 bench.py --runs 2 --attention-backend flash_attn --json "$OUT/bench_fa3.json" 2>&1 | grep -v "^W1122" | tee "$OUT/bench_fa3.log" ;;&
     bench-tp2|all) NANOVLLM_STEP_TIMING=1 python3 bench.py --tp 2 --runs 2 --json "$OUT/bench_tp2.json" 2>&1 | grep -v "^W1122" | tee "$OUT/bench_tp2.log" ;;&
-    profile|all) mkdir -p "$OUT/prof" && NANOVLLM_PROFILE_DIR="$OUT/prof" python3 bench.py ${BENCH_ARGS:-} 2>&1 | grep -E "tok/s|roofline:" && head -1 "$OUT/prof/worker0.torch.txt" ;;&
+    profile|all) mkdir -p "$OUT/prof" && NANOVLLM_PROFILE_DIR="$OUT/prof" python3 bench.py ${BENCH_ARGS:-} 2>&1 | grep -E "tok/s|roofline:" && head -14 "$OUT/prof/worker0.torch.txt" ;;&
     cprofile) mkdir -p "$OUT/cprof" && NANOVLLM_CPROFILE_DIR="$OUT/cprof" python3 bench.py 2>&1 | grep -E "tok/s|roofline:" && head -60 "$OUT/cprof/worker0.cprofile.txt" ;;&
     cprofile-latency) mkdir -p "$OUT/cprof" && NANOVLLM_CPROFILE_DIR="$OUT/cprof" python3 bench_latency.py --batch-sizes 1 --repeats 5 ${BENCH_ARGS:-} 2>&1 | tail -2 && head -45 "$OUT/cprof/worker0.cprofile.txt" ;;&
-    profile-latency) mkdir -p "$OUT/prof_lat" && NANOVLLM_PROFILE_STEPS=${PROFILE_STEPS:-60,100} NANOVLLM_PROFILE_DIR="$OUT/prof_lat" python3 bench_latency.py --batch-sizes ${PROFILE_BATCH:-1} --repeats 1 ${BENCH_ARGS:-} 2>&1 | tail -2 && head -1 "$OUT/prof_lat/worker0.torch.txt" ;;&
-    profile-prefill) mkdir -p "$OUT/prof_pre" && NANOVLLM_PROFILE_STEPS=${PROFILE_STEPS:-20,24} NANOVLLM_PROFILE_DIR="$OUT/prof_pre" NANOVLLM_STEP_TIMING=1 python3 bench.py ${BENCH_ARGS:-} 2>&1 | grep -E "tok/s|roofline:|prefill" && head -1 "$OUT/prof_pre/worker0.torch.txt" ;;&
+    profile-latency) mkdir -p "$OUT/prof_lat" && NANOVLLM_PROFILE_STEPS=${PROFILE_STEPS:-60,100} NANOVLLM_PROFILE_DIR="$OUT/prof_lat" python3 bench_latency.py --batch-sizes ${PROFILE_BATCH:-1} --repeats 1 ${BENCH_ARGS:-} 2>&1 | tail -2 && head -14 "$OUT/prof_lat/worker0.torch.txt" ;;&
+    profile-prefill) mkdir -p "$OUT/prof_pre" && NANOVLLM_PROFILE_STEPS=${PROFILE_STEPS:-20,24} NANOVLLM_PROFILE_DIR="$OUT/prof_pre" NANOVLLM_STEP_TIMING=1 python3 bench.py ${BENCH_ARGS:-} 2>&1 | grep -E "tok/s|roofline:|prefill" && head -14 "$OUT/prof_pre/worker0.torch.txt" ;;&
     probe) python3 scripts/probe.py ${PROBE_ARGS:-} --json "$OUT/probe.json" 2>&1 | tee "$OUT/probe.log" ;;&
     sweep) python3 scripts/kernel_sweep.py ${SWEEP_ARGS:-} --json "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" ;;&
     decode-step) python3 scripts/decode_step.py --json "$OUT/decode_step.json" 2>&1 | grep -v "^W1122" | tee "$OUT/decode_step.log" ;;&

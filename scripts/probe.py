@@ -1,15 +1,19 @@
 """GPU only, exploratory: candidate kernels against what the engine runs (the engine does not import this).
 
-    python scripts/probe.py [--json out.json] [--only small,attn,dgemm,qkvrope,prefill]
+    python scripts/probe.py [--json out.json] [--only small,attn,dgemm,qkvrope,prefill,sampler]
 
 - small: workers.kernels.small_linear against cuBLAS at 1-4 rows (and cuBLAS at 8), per Qwen3-0.6B layer GEMM;
-- attn: the decode kernel over splits x tile x warps x stages at batch 256 / 128 / 64 / 8;
+- attn: the decode kernel over splits (1, 2 and the rule's S, S / 2, 2 S) x tile x stages (4 warps) at
+  PROBE_BATCHES (default 256,128,64,8; also 32, 48, 80, 96 with bench_latency's 512-768-token contexts, and
+  64L, 32L with bench.py's late 900-2000-token ones);
 - dgemm: workers.kernels.decode_gemm (block sizes x split-K x stages) against cuBLAS at 8-256 rows, with the
   following RMSNorm where the output is the hidden size (the consumer of the split-K partial sums);
 - prefill: the Triton prefill attention over BLOCK_M x BLOCK_N x warps x stages at one of bench.py's prefill
   steps (prompts U[100, 1024] up to 16,384 tokens, no cached prefix), in causal TFLOP/s;
 - qkvrope: decode_gemm.qkv_rope (the q/k/v projection with q/k norm, rotary and the K/V cache write fused)
-  over its row-tile sizes, against the projection as parallel.layers._linear runs it + fused.qk_norm_rope.
+  over its row-tile sizes, against the projection as parallel.layers._linear runs it + fused.qk_norm_rope
+  (PROBE_ROWS: the batch sizes, comma-separated);
+- sampler: workers.kernels.sampling.gumbel_argmax at batch 1-256 over Qwen3's vocabulary.
 Timings are CUDA graphs of 28 back-to-back calls on distinct memory (kernel_sweep.graph_time). Results of the
 2026-11-22 runs: docs/benchmarks.md, "Probes of this session" (the sampler variants there were timed with
 this script's earlier version, at commit `dc56805`).
@@ -46,7 +50,13 @@ def probe_attention(bw, results):
     rng = random.Random(0)
     max_blocks = 4096 // BLOCK
     print(f"\n== decode attention variants (us/layer, % of K/V read at copy bw)")
-    for batch, lo, hi in ((256, 1024, 1063), (128, 900, 1300), (64, 512, 768), (8, 512, 768)):
+    # (label, batch, context range): bench_latency's contexts (512-768) and, "L", bench.py's late, long ones
+    cases = [(str(b), b, 512, 768) for b in (8, 32, 48, 64, 80, 96)] + [
+        ("256", 256, 1024, 1063), ("128", 128, 900, 1300), ("64L", 64, 900, 2000), ("32L", 32, 900, 2000)]
+    wanted = os.environ.get("PROBE_BATCHES", "256,128,64,8").split(",")
+    for label, batch, lo, hi in cases:
+        if label not in wanted:
+            continue
         ctx = [rng.randint(lo, hi) for _ in range(batch)]
         caches, table, lens = paged_caches(ctx, dev, max_blocks)
         q = torch.randn(batch, HQ, D, device=dev, dtype=torch.bfloat16)
@@ -54,10 +64,10 @@ def probe_attention(bw, results):
         floor = sum(ctx) * HKV * D * 2 * 2 / bw
         default_s = ta.choose_num_splits(batch, HKV, max_blocks, BLOCK, device_sms(dev))
         rows = []
-        for s in sorted({default_s, max(1, default_s // 2), default_s * 2}):
+        for s in sorted({1, 2, default_s, max(1, default_s // 2), default_s * 2}):
             for bn in (32, 64, 128):
-                for warps in (4, 8):
-                    for stages in (2, 3):
+                for warps in (4,):
+                    for stages in (2, 3, 4):
                         try:
                             t = graph_time(lambda i: ta._decode_launch(q, *caches[i], table, lens, 0.088, s, out,
                                                                        block_n=bn, num_warps=warps, num_stages=stages))
@@ -68,12 +78,13 @@ def probe_attention(bw, results):
                         results["attention"].append(dict(batch=batch, splits=s, block_n=bn, warps=warps,
                                                           stages=stages, seconds=t, floor_s=floor))
         rows.sort()
-        base = [r for r in rows if r[1] == default_s and r[2] == 64 and r[3] == 4 and r[4] == 2]
+        dn, dw, dst = ta._decode_config(default_s, D, 2)
+        base = [r for r in rows if r[1:] == (default_s, dn, dw, dst)]
         if base:
             t0 = base[0][0]
-            print(f"B={batch} ctx~{sum(ctx) / batch:.0f}: S={default_s} bn64 w4 st2 {t0 * 1e6:.1f} us "
+            print(f"B={label} ctx~{sum(ctx) / batch:.0f}: engine S={default_s} bn{dn} w{dw} st{dst} {t0 * 1e6:.1f} us "
                   f"({100 * floor / t0:.1f}%)")
-        for t, s, bn, w, st in rows[:5]:
+        for t, s, bn, w, st in rows[:8]:
             print(f"   S={s:>2} bn={bn:>3} w={w} st={st}: {t * 1e6:7.1f} us ({100 * floor / t:.1f}%)")
         del caches
 
@@ -172,6 +183,23 @@ def probe_prefill(bw, results):
     del caches
 
 
+def probe_sampler(bw, results):
+    """workers.kernels.sampling.gumbel_argmax (temperature 0.6) at batch 1-256 over Qwen3's vocabulary."""
+    from workers.kernels.sampling import gumbel_argmax
+    dev = torch.device("cuda")
+    print("\n== Gumbel sampler (us per call), bf16 logits [batch, 151936], 28 distinct logits buffers")
+    for batch in (1, 8, 64, 128, 256):
+        logits = [torch.randn(batch, VOCAB, device=dev, dtype=torch.bfloat16) for _ in range(LAYERS)]
+        temps = torch.full((batch,), 0.6, device=dev)
+        seeds = torch.arange(batch, device=dev)
+        pos = torch.arange(batch, device=dev) + 100
+        t = graph_time(lambda i: gumbel_argmax(logits[i], temps, seeds, pos))
+        print(f"B={batch:>4}: {t * 1e6:6.1f} us (logits read at copy bw: {batch * VOCAB * 2 / bw * 1e6:5.1f})",
+              flush=True)
+        results["sampler"].append(dict(batch=batch, seconds=t))
+        del logits
+
+
 def probe_qkv_rope(bw, results):
     """decode_gemm.qkv_rope against the unfused pair the model ran before it, per layer, at 2-256 rows."""
     from parallel.layers import _linear
@@ -188,7 +216,7 @@ def probe_qkv_rope(bw, results):
     blocks = 256 * 2 + 1
     caches = [(torch.zeros(blocks, BLOCK, HKV, D, device=dev, dtype=torch.bfloat16),
                torch.zeros(blocks, BLOCK, HKV, D, device=dev, dtype=torch.bfloat16)) for _ in range(LAYERS)]
-    for m in (2, 8, 16, 32, 64, 96, 128, 192, 256):
+    for m in [int(r) for r in os.environ.get("PROBE_ROWS", "2,8,16,32,64,96,128,192,256").split(",")]:
         x = torch.randn(m, k_in, device=dev, dtype=torch.bfloat16)
         pos = torch.randint(0, 4000, (m,), device=dev)
         slots = torch.randperm(blocks * BLOCK, device=dev)[:m]
@@ -206,20 +234,23 @@ def probe_qkv_rope(bw, results):
         t_unfused = graph_time(unfused)
         default = dg.choose_qkv_rope_config(x, ws[0], D)
         timed = []
-        for bm in (16, 32, 64):
-            for bk in (64, 128):
-                cfg = default._replace(block_m=bm, block_k=bk, stages=dg.pipeline_stages((D + bm) * bk * 2))
+        for bm, bk in itertools.product((16, 32, 64), (64, 128)):
+            cfg = default._replace(block_m=bm, block_k=bk, stages=dg.pipeline_stages((D + bm) * bk * 2))
 
-                def fused(i, cfg=cfg):
-                    return dg.qkv_rope(x, ws[i], None, cfg, HQ, HKV, D, pos, cos_sin, qw, kw, 1e-6, caches[i][0],
-                                       caches[i][1], slots)
+            def fused(i, cfg=cfg):
+                return dg.qkv_rope(x, ws[i], None, cfg, HQ, HKV, D, pos, cos_sin, qw, kw, 1e-6, caches[i][0],
+                                   caches[i][1], slots)
+            try:
                 err = (fused(0).float() - ref).abs().max().item() / (ref.abs().max().item() + 1e-6)
                 if err > 2e-2:
                     print(f"   m={m} {cfg}: wrong (rel {err:.2e})")
                     continue
                 timed.append((graph_time(fused), tuple(cfg)))
+            except Exception as e:  # noqa: BLE001
+                print(f"   m={m} {cfg}: {type(e).__name__} {str(e)[:120]}")
         timed.sort()
-        print(f"M={m:>4}: unfused {t_unfused * 1e6:6.1f}  fused default {tuple(default)}; best: "
+        t_default = next((t * 1e6 for t, c in timed if c == tuple(default)), float("nan"))
+        print(f"M={m:>4}: unfused {t_unfused * 1e6:6.1f}  fused default {tuple(default)} {t_default:5.1f}; best: "
               + "; ".join(f"{t * 1e6:5.1f} {c}" for t, c in timed[:4]), flush=True)
         results["qkv_rope"].append(dict(m=m, unfused=t_unfused, default=tuple(default),
                                         fused=[(t, c) for t, c in timed]))
@@ -232,13 +263,14 @@ def main():
     args = p.parse_args()
     bw = measure_copy_bandwidth()
     print(f"copy bandwidth {bw / 1e9:,.0f} GB/s")
-    results = {"copy_bandwidth": bw, "attention": [], "decode_gemm": [], "small_linear": [], "qkv_rope": [], "prefill": []}
+    results = {"copy_bandwidth": bw, "attention": [], "decode_gemm": [], "small_linear": [], "qkv_rope": [], "prefill": [], "sampler": []}
     parts = args.only.split(",")
     t0 = time.time()
     for part, fn in (("small", lambda: probe_small_linear(bw, results)), ("attn", lambda: probe_attention(bw, results)),
                      ("dgemm", lambda: probe_decode_gemm(bw, results)),
                      ("qkvrope", lambda: probe_qkv_rope(bw, results)),
-                     ("prefill", lambda: probe_prefill(bw, results))):
+                     ("prefill", lambda: probe_prefill(bw, results)),
+                     ("sampler", lambda: probe_sampler(bw, results))):
         if part in parts:
             fn()
             print(f"[{part} done at {time.time() - t0:.0f} s]", flush=True)

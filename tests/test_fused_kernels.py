@@ -196,6 +196,30 @@ def test_decode_gemm_against_float64(dtype, m, n, k, split, silu, bias):
     assert close(dg.reduce_splits(y), ref.to(dtype), dtype)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="choose_config picks a kernel config on CUDA only (None elsewhere)")
+@pytest.mark.parametrize("m", [2, 16, 48, 64, 200])
+@pytest.mark.parametrize("name", ["o", "gate_up+silu", "down"])
+def test_decode_gemm_chosen_configs_against_float64(m, name):
+    """The engine's own configs (choose_config) at Qwen3-0.6B's shapes compute x W^T (bf16 tolerance)."""
+    from workers.kernels import decode_gemm as dg
+
+    k, n = {"o": (2048, 1024), "gate_up+silu": (1024, 6144), "down": (3072, 1024)}[name]
+    silu = name == "gate_up+silu"
+    torch.manual_seed(m)
+    x = torch.randn(m, k, dtype=torch.bfloat16, device=DEVICE)
+    w = torch.randn(n, k, dtype=torch.bfloat16, device=DEVICE) / k ** 0.5
+    config = dg.choose_config(x, w, silu_mul=silu, allow_split=not silu)
+    if config is None:  # cuBLAS's rows (here: gate/up above 64 rows)
+        assert silu and m > 64
+        return
+    ref = x.double() @ w.double().T
+    if silu:
+        gate, up = ref.to(torch.bfloat16).double().chunk(2, -1)
+        ref = gate * torch.sigmoid(gate) * up
+    y = dg.reduce_splits(dg.decode_gemm(x, w, config, silu_mul=silu))
+    assert close(y, ref.to(torch.bfloat16), torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rmsnorm_adds_up_split_sums(dtype):
     from workers.kernels import decode_gemm as dg

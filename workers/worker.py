@@ -12,6 +12,7 @@ import gc
 import os
 import signal
 import socket
+import statistics
 import sys
 import time
 import traceback
@@ -173,22 +174,33 @@ def _python_profile_window(profiler, profile_dir: str, rank: int):
 
 
 def _device_busy_summary(profiler) -> str:
-    """How much of the profiled window the device spent running kernels (the rest is idle time)."""
-    spans = sorted((e.time_range.start, e.time_range.end) for e in profiler.events()
+    """How much of the profiled window the device spent running kernels (the rest is idle time), and the
+    idle gaps that add up to most of it, by the pair of device events around them."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in profiler.events()
                    if getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CUDA"))
     if not spans:
         return "device busy: no device events"
-    busy, cur_start, cur_end = 0, spans[0][0], spans[0][1]
-    for start, end in spans[1:]:
+    busy, cur_start, cur_end, last_name = 0, spans[0][0], spans[0][1], spans[0][2]
+    gaps = {}  # (event before, event after) -> [count, total idle]
+    for start, end, name in spans[1:]:
         if start > cur_end:
             busy += cur_end - cur_start
+            pair = gaps.setdefault((last_name[:50], name[:50]), [0, 0.0])
+            pair[0] += 1
+            pair[1] += start - cur_end
             cur_start, cur_end = start, end
         else:
             cur_end = max(cur_end, end)
+        if end >= cur_end:
+            last_name = name
     busy += cur_end - cur_start
     window = spans[-1][1] - spans[0][0]
-    return (f"device busy {busy / 1e3:.1f} ms of a {window / 1e3:.1f} ms window "
-            f"({100 * busy / window:.1f} %; idle {100 - 100 * busy / window:.1f} %)")
+    lines = [f"device busy {busy / 1e3:.1f} ms of a {window / 1e3:.1f} ms window "
+             f"({100 * busy / window:.1f} %; idle {100 - 100 * busy / window:.1f} %)",
+             "largest idle totals (us, count): event before -> event after"]
+    for (before, after), (count, total) in sorted(gaps.items(), key=lambda g: -g[1][1])[:12]:
+        lines.append(f"  {total:9.1f} {count:5d}  {before} -> {after}")
+    return "\n".join(lines)
 
 
 class StepTiming:
@@ -204,9 +216,12 @@ class StepTiming:
         if not self.rows:
             return
         n = len(self.rows)
-        sums = [sum(r[i] for r in self.rows) for i in range(3)]
-        print(f"[worker {rank}] {n} steps, ms/step: waiting for plan {1e3 * sums[0] / n:.3f}, "
-              f"launch {1e3 * sums[1] / n:.3f}, report previous {1e3 * sums[2] / n:.3f}", file=sys.stderr, flush=True)
+        means = [1e3 * sum(r[i] for r in self.rows) / n for i in range(3)]
+        # medians too: the means carry the prefill steps and the engine's pauses between generate calls
+        medians = [1e3 * statistics.median(r[i] for r in self.rows) for i in range(3)]
+        print(f"[worker {rank}] {n} steps, ms/step (mean / median): waiting for plan {means[0]:.3f} / "
+              f"{medians[0]:.3f}, launch {means[1]:.3f} / {medians[1]:.3f}, report previous {means[2]:.3f} / "
+              f"{medians[2]:.3f}", file=sys.stderr, flush=True)
 
 
 def run_torchrun_worker() -> None:
