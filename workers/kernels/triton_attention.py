@@ -503,14 +503,16 @@ def _prefill_kernel(
 def _prefill_config(max_seqlen_q: int, block_d: int):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the prefill kernel.
 
-    Measured on an H100 (bf16, Hq=16/Hkv=8/D=128, see docs/kernels.md): (128, 64, 4 warps, 3 stages)
-    was the best or within 1% of it on every shape tried; 8 warps were 10-20% slower.
+    Queries of up to 64 rows: one tile of the next power of two rows (>= 16), 64-token K/V tiles, 2 stages.
+    Longer ones: (64, 32, 4 warps, 2 stages). On an H200 (bf16, Hq=16/Hkv=8/D=128; docs/benchmarks.md) that
+    ran one of bench.py's prefill steps at 212.6 us a layer against 262.2 with the earlier (128, 64, 4, 3),
+    and bench.py's prefill steps took 38.4 ms against 40.2-40.9 (same call, 2026-12-01); 8 warps and
+    128-token K/V tiles were slower everywhere.
     """
-    block_m = min(128, max(16, triton.next_power_of_2(max(1, max_seqlen_q))))
-    if block_d > 128:
-        block_m = min(block_m, 64)
+    block_m = min(64, max(16, triton.next_power_of_2(max(1, max_seqlen_q))))
+    if block_d > 128 or max_seqlen_q > 64:
         return block_m, 32, 4, 2
-    return block_m, 64, 4, (3 if block_m >= 128 else 2)
+    return block_m, 64, 4, 2
 
 
 # Sequences with at most this many new tokens (decode rows riding along in a chunked-prefill step) get a
