@@ -4,7 +4,8 @@
 #                                cprofile-latency|sweep|probe|decode-step|fa3|latency|pytest|all]
 # BENCH_ARGS (e.g. "--attention-backend triton") go to bench.py and bench_latency.py; SWEEP_ARGS to kernel_sweep.py....
 # Writes logs and JSON under $OUT (or ./gpu_out). `profile` runs bench.py with the worker's torch-profiler
-# window (steps 300-330, NANOVLLM_PROFILE_DIR) and prints the device busy/idle share of that window;
+# window (steps 300-330, NANOVLLM_PROFILE_DIR) and prints the device busy/idle share of that window and its
+# largest idle gaps (by the device events around them);
 # `profile-latency` does the same over batch-1 decode steps of bench_latency.py (PROFILE_BATCH, PROFILE_STEPS),
 # `profile-prefill` over bench.py's first prefill steps. `probe` runs scripts/probe.py (PROBE_ARGS), `pytest`
 # pytest with PYTEST_ARGS (default tests/test_gpu.py).
