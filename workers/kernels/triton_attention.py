@@ -507,7 +507,8 @@ def _prefill_config(max_seqlen_q: int, block_d: int):
     Longer ones: (64, 32, 4 warps, 2 stages). On an H200 (bf16, Hq=16/Hkv=8/D=128; docs/benchmarks.md) that
     ran one of bench.py's prefill steps at 212.6 us a layer against 262.2 with the earlier (128, 64, 4, 3),
     and bench.py's prefill steps took 38.4 ms against 40.2-40.9 (same call, 2026-12-01); 8 warps and
-    128-token K/V tiles were slower everywhere.
+    128-token K/V tiles were slower everywhere. Head dims above 128 take 32-token K/V tiles at any length
+    (shared memory).
     """
     block_m = min(64, max(16, triton.next_power_of_2(max(1, max_seqlen_q))))
     if block_d > 128 or max_seqlen_q > 64:
