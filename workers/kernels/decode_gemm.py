@@ -131,8 +131,8 @@ def choose_config(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False,
                   allow_split: bool = False) -> Optional[GemmConfig]:
     """The config for x @ weight^T, or None where cuBLAS is the better (or the only) choice.
 
-    From the H200 sweep (scripts/probe.py dgemm, docs/kernels.md): 64 features x 128-deep K tiles, 5 stages;
-    16 / 32 / 64 batch rows a tile for up to 16 / 64 / 256 rows; K split (``allow_split``: the caller takes
+    From the H200 sweep (scripts/probe.py dgemm, docs/kernels.md): 64 features x 128-deep K tiles (64-deep
+    for gate/up + SiLU at 33-64 rows), 5 stages; 16 / 32 / 64 batch rows a tile for up to 16 / 64 / 256 rows; K split (``allow_split``: the caller takes
     ``SplitSums``) into the most pieces, up to 8, that keep one program per SM at most. Up to 64 rows this
     beats cuBLAS for every Qwen3-0.6B projection; above, only where the split applies (1024-feature
     outputs, which cuBLAS covers with 8-16 tiles), so larger batches keep cuBLAS otherwise. (Taking every
