@@ -6,6 +6,8 @@
 - attn: the decode kernel over splits (1, 2 and the rule's S, S / 2, 2 S) x tile x stages (4 warps) at
   PROBE_BATCHES (default 256,128,64,8; also 32, 48, 80, 96 with bench_latency's 512-768-token contexts, and
   64L, 32L with bench.py's late 900-2000-token ones);
+- split1: at the decode graph sizes the rule gives several KV splits (PROBE_BATCHES, default 16-96), the
+  rule's kernel against one split (and two) by the batch's longest context, contexts flat or spread;
 - dgemm: workers.kernels.decode_gemm (block sizes x split-K x stages) against cuBLAS at 8-256 rows, with the
   following RMSNorm where the output is the hidden size (the consumer of the split-K partial sums);
 - prefill: the Triton prefill attention over BLOCK_M x BLOCK_N x warps x stages at one of bench.py's prefill
@@ -77,7 +79,7 @@ def probe_attention(bw, results):
             results["attention"].append(dict(batch=batch, splits=s, block_n=bn, warps=warps,
                                               stages=stages, seconds=t, floor_s=floor))
         rows.sort()
-        dn, dw, dst = ta._decode_config(default_s, D, 2)
+        dn, dw, dst = ta._decode_config(default_s, D, 2, batch * HKV * default_s, device_sms(dev))
         base = [r for r in rows if r[1:] == (default_s, dn, dw, dst)]
         if base:
             t0 = base[0][0]
@@ -86,6 +88,38 @@ def probe_attention(bw, results):
         for t, s, bn, w, st in rows[:8]:
             print(f"   S={s:>2} bn={bn:>3} w={w} st={st}: {t * 1e6:7.1f} us ({100 * floor / t:.1f}%)")
         del caches
+
+
+def probe_single_split(bw, results):
+    """For each decode graph size that the rule gives several KV splits: the rule's kernel against one split
+    (two tile configs) over the longest context in the batch, contexts either all equal to it ("flat") or
+    uniform over [L / 2, L] ("wide"): where one split wins, and by how much (the split-KV reduction too)."""
+    dev = torch.device("cuda")
+    rng = random.Random(0)
+    max_blocks = 4096 // BLOCK
+    print("\n== one KV split vs the rule's (us/layer), by batch and longest context L")
+    batches = [int(b) for b in os.environ.get("PROBE_BATCHES", "16,32,48,64,80,96").split(",")]
+    for batch in batches:
+        rule_s = ta.choose_num_splits(batch, HKV, max_blocks, BLOCK, device_sms(dev))
+        rn, rw, rst = ta._decode_config(rule_s, D, 2, batch * HKV * rule_s, device_sms(dev))
+        for top in (128, 256, 384, 512, 768, 1024, 1536, 2048):
+            for spread in ("flat", "wide"):
+                ctx = [top if spread == "flat" else rng.randint(top // 2, top) for _ in range(batch)]
+                caches, table, lens = paged_caches(ctx, dev, max_blocks)
+                q = torch.randn(batch, HQ, D, device=dev, dtype=torch.bfloat16)
+                out = torch.empty_like(q)
+                row = {}
+                for label, s, bn, st in (("rule", rule_s, rn, rst), ("s1_bn64_st3", 1, 64, 3),
+                                         ("s1_bn128_st3", 1, 128, 3), ("s2_bn64_st2", 2, 64, 2)):
+                    row[label] = graph_time(lambda i: ta._decode_launch(q, *caches[i], table, lens, 0.088, s, out,
+                                                                        block_n=bn, num_warps=rw, num_stages=st))
+                best = min((v, k) for k, v in row.items() if k != "rule")
+                print(f"B={batch:>3} S={rule_s:>2} L={top:>4} {spread}: rule {row['rule'] * 1e6:6.1f}  " +
+                      "  ".join(f"{k} {v * 1e6:6.1f}" for k, v in row.items() if k != "rule") +
+                      f"  best/rule {best[0] / row['rule']:.3f}")
+                results["single_split"].append(dict(batch=batch, rule_splits=rule_s, longest=top, spread=spread,
+                                                    **{k: v for k, v in row.items()}))
+                del caches
 
 
 def probe_decode_gemm(bw, results):
@@ -259,10 +293,12 @@ def main():
     args = p.parse_args()
     bw = measure_copy_bandwidth()
     print(f"copy bandwidth {bw / 1e9:,.0f} GB/s")
-    results = {"copy_bandwidth": bw, "attention": [], "decode_gemm": [], "small_linear": [], "qkv_rope": [], "prefill": [], "sampler": []}
+    results = {"copy_bandwidth": bw, "attention": [], "decode_gemm": [], "small_linear": [], "qkv_rope": [], "prefill": [], "sampler": [],
+               "single_split": []}
     parts = args.only.split(",")
     t0 = time.time()
     for part, fn in (("small", lambda: probe_small_linear(bw, results)), ("attn", lambda: probe_attention(bw, results)),
+                     ("split1", lambda: probe_single_split(bw, results)),
                      ("dgemm", lambda: probe_decode_gemm(bw, results)),
                      ("qkvrope", lambda: probe_qkv_rope(bw, results)),
                      ("prefill", lambda: probe_prefill(bw, results)),

@@ -1,6 +1,7 @@
 """On a CUDA machine: the Triton backend and CUDA graphs against transformers and against eager mode; the
 flash_attn backend against the torch reference and against the Triton backend."""
 
+import functools
 import random
 
 import numpy as np
@@ -63,30 +64,60 @@ def test_chunked_prefill_next_to_decodes_matches_transformers(tiny_models):
 @pytest.mark.parametrize("arch", ["qwen3", "qwen3-wide"])
 def test_bf16_graph_logits_match_eager(tiny_models, arch):
     """Replay a captured decode graph and run the same step eagerly: bf16 logits agree."""
+    _check_graph_step_against_eager(tiny_models[arch], PROMPTS[:5], max_num_seqs=8, graph_size=8)
+
+
+def test_single_split_decode_graph_matches_eager(tiny_models):
+    """The one-KV-split variant of a decode graph (taken when a step's sequences fill its program waves,
+    triton_attention.single_split_fills), against the same step run eagerly with the rule's splits."""
+    from workers.kernels.triton_attention import device_sms, has_single_split_variant, single_split_fills
+    from workers.model_runner import graph_batch_sizes
+    kv_heads, sms = 2, device_sms(torch.device("cuda", 0))  # the tiny qwen3's KV heads
+    size = next(s for s in graph_batch_sizes(512)
+                if has_single_split_variant(s, kv_heads, 16, 16, sms) and single_split_fills(s, s, kv_heads, sms))
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1, 500) for _ in range(24)] for _ in range(size)]  # equal contexts: it applies
+    replayed = []
+
+    def spy_on_variant(runner):
+        for graph in runner.single_split_graphs[size][0]:
+            graph.replay = functools.partial(lambda replay: replayed.append(1) or replay(), graph.replay)
+
+    _check_graph_step_against_eager(tiny_models["qwen3"], prompts, max_num_seqs=size, graph_size=size,
+                                    on_runner=spy_on_variant)
+    assert replayed == [1]  # the decode step above ran the one-split variant
+
+
+def _check_graph_step_against_eager(path, prompts, max_num_seqs: int, graph_size: int, on_runner=None):
+    """Prefill ``prompts`` (one step), then run one decode step of all of them through the ``graph_size``
+    decode graph and eagerly: the bf16 logits agree. ``on_runner`` sees the runner once its graphs exist."""
     from parallel.distributed import ParallelContext
     from parallel.protocol import NewRequest, SamplingFields, StepPlan
     from workers.model_runner import ModelRunner
     from nanovllm.config import EngineConfig
 
-    cfg = EngineConfig(model=tiny_models[arch], dtype="bfloat16", max_model_len=256, max_num_seqs=8).finalize()
+    n = len(prompts)
+    cfg = EngineConfig(model=path, dtype="bfloat16", max_model_len=256, max_num_seqs=max_num_seqs).finalize()
     runner = ModelRunner(cfg.to_worker_config("none"), ParallelContext(0, 1), torch.device("cuda", 0))
-    runner.allocate_kv_cache(64)
-    assert runner.graphs
+    runner.allocate_kv_cache(4 * n + 4)
+    assert graph_size in runner.graphs
+    if on_runner is not None:
+        on_runner(runner)
     news = [NewRequest(req_id=i, prompt_token_ids=p, output_token_ids=[], sampling=SamplingFields(temperature=0).__dict__,
                        block_ids=list(range(4 * i, 4 * i + 4)), num_computed_tokens=0,
-                       num_scheduled_tokens=len(p)) for i, p in enumerate(PROMPTS[:5])]
+                       num_scheduled_tokens=len(p)) for i, p in enumerate(prompts)]
     plan = StepPlan(1, news, [], [], [], [], [], [], [])
     h = runner.launch(plan, lambda: None)
     runner.finish(h)
     # the decode step, by hand: inputs prepared once, run through the graph and eagerly
-    plan2 = StepPlan(2, [], list(range(5)), [1] * 5, [[]] * 5, [], [], [], [])
+    plan2 = StepPlan(2, [], list(range(n)), [1] * n, [[]] * n, [], [], [], [])
     scheduled = runner.apply_plan(plan2)
     inp = runner._prepare(scheduled)
-    ids = torch.zeros(5, dtype=torch.int64, device="cuda")
+    ids = torch.zeros(n, dtype=torch.int64, device="cuda")
     ids[torch.tensor(inp["from_prev"][0], device="cuda")] = runner.prev_tokens[torch.tensor(inp["from_prev"][1],
                                                                                             device="cuda")]
     with torch.inference_mode():
-        graphed = runner._run_graph(8, 5, inp).clone()
+        graphed = runner._run_graph(graph_size, n, inp).clone()
         from workers.layers import AttentionMetadata
         meta = AttentionMetadata(
             slot_mapping=runner._to_device(inp["slots"], torch.int64),

@@ -6,6 +6,7 @@ tests run on the GPU, plus bfloat16 variants (marked gpu).
 """
 
 import os
+import random
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ triton = pytest.importorskip("triton")
 
 from workers.kernels.triton_attention import (  # noqa: E402
     choose_num_splits,
+    has_single_split_variant,
+    single_split_fills,
     paged_decode_attention,
     paged_prefill_attention,
     prefill_seq_groups,
@@ -227,6 +230,14 @@ def test_decode_many_splits_strided_q_out(dtype):
     _run_decode_case(dtype, 4, 128, 32, [300, 5, 0, 64], num_splits=8, strided_q=True, use_out=True, seed=7)
 
 
+@pytest.mark.skipif(not CUDA, reason="real size (64 sequences x 8 KV heads), too slow for the interpreter")
+def test_decode_single_split_real_size():
+    # 512 programs: on a 132-SM GPU one split takes the 64-token, 3-stage tiles (_decode_config)
+    rng = random.Random(3)
+    ctx = [rng.randint(1, 900) for _ in range(62)] + [0, 16]
+    _run_decode_case(torch.bfloat16, 2, 128, 16, ctx, num_splits=1, num_kv_heads=8, seed=3)
+
+
 def test_decode_all_padding():
     gen = _gen(3)
     kv = PagedKV([0, 0, 0], 2, 64, 16, torch.float32, gen)
@@ -234,6 +245,20 @@ def test_decode_all_padding():
     for s in (1, 4):
         out = paged_decode_attention(q, kv.k_cache, kv.v_cache, kv.block_tables, kv.context_lens, 0.125, num_splits=s)
         assert torch.count_nonzero(out) == 0 and torch.isfinite(out).all()
+
+
+def test_single_split_variant_rule():
+    # a one-split variant where the rule splits but the rows give >= 2.5 programs per SM (48 x 8 = 384 >= 330)
+    assert has_single_split_variant(48, 8, 256, 16, num_sms=132)
+    assert has_single_split_variant(96, 8, 256, 16, num_sms=132)
+    assert not has_single_split_variant(32, 8, 256, 16, num_sms=132)  # 256 programs
+    assert not has_single_split_variant(128, 8, 256, 16, num_sms=132)  # the rule already takes one split
+    # graph of 64 rows: 512 programs take 64-token tiles, two resident per SM: 264 slots a wave, so 2 waves;
+    # 60 rows = 480 programs >= 0.9 x 528, 59 rows = 472 < 475.2
+    assert single_split_fills(64, 64, 8, num_sms=132) and single_split_fills(60, 64, 8, num_sms=132)
+    assert not single_split_fills(59, 64, 8, num_sms=132)
+    # graph of 48 rows: 128-token tiles, one per SM: 45 rows = 360 programs >= 0.9 x 396; 44 rows = 352 < 356.4
+    assert single_split_fills(45, 48, 8, num_sms=132) and not single_split_fills(44, 48, 8, num_sms=132)
 
 
 def test_choose_num_splits():

@@ -101,6 +101,8 @@ class AttentionMetadata:
     max_seqlen_q: int
     is_decode: bool  # every sequence has exactly one new token
     prefix_free: bool = False  # no sequence attends to K/V from earlier steps (plain prefill)
+    # decode with the Triton backend: KV splits (None: from the shapes, triton_attention.choose_num_splits)
+    decode_splits: Optional[int] = None
     # prefill with the Triton backend: [(int32 sequence indices, their max q_len)] when short and long
     # query lengths share the step, so each gets its own tile size (triton_attention.prefill_seq_groups)
     seq_groups: Optional[list] = None
@@ -192,7 +194,7 @@ class TritonAttentionBackend:
     def attention(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
         if meta.is_decode:
             return self.kernels.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
-                                                       scale)
+                                                       scale, num_splits=meta.decode_splits)
         if meta.prefix_free and self.varlen is not None:
             return self.varlen(q, k, v, meta.cu_seqlens_q, meta.max_seqlen_q, scale)
         return self.kernels.paged_prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
@@ -31,6 +31,11 @@ from workers.sampler import SamplingBatch, sample
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 GRAPH_RESERVE_BYTES = 512 << 20  # kept free for CUDA graphs and allocator slack when sizing the KV cache
+# A decode step takes its graph's one-KV-split variant only when its longest context is at most this times
+# the mean: on an H200 equal contexts gained 10-12 % a layer at batch 64 (scripts/probe.py split1), while
+# bench.py's late steps, whose contexts spread over ~[1000, 1900] (longest / mean ~1.3), ran their 33-64-
+# sequence steps 2.3 % slower with it (2026-12-01). The cut between the two is not measured finer.
+SINGLE_SPLIT_MAX_OVER_MEAN = 1.15
 PREFILL_GRAPH_TOKENS = (64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)  # see prefill_graph_sizes
 
 
@@ -134,6 +139,8 @@ class ModelRunner:
         self.prev_index: Dict[int, int] = {}
         self.graphs: Dict[int, List[torch.cuda.CUDAGraph]] = {}
         self.prefill_graphs: Dict[int, tuple] = {}  # tokens -> (graph, its output)
+        # decode size -> (graphs, outputs, fewest sequences that take them), with one KV split
+        self.single_split_graphs: Dict[int, tuple] = {}
         seqs, tokens = config.max_num_seqs, config.max_num_batched_tokens
         self.staging = Staging(device, {
             torch.int64: 4 * tokens + 8 * seqs + 16 * Staging.ALIGN,
@@ -270,8 +277,26 @@ class ModelRunner:
             meta = self.graph_metas[size] = self._graph_meta(size)
             run = functools.partial(self.model, g["input_ids"][:size], g["positions"][:size], meta)
             self.graphs[size], self.graph_outputs[size], pool = self._capture(run, pool, instances=2)
+            min_batch = self._single_split_min_batch(size)
+            if min_batch is not None:
+                run = functools.partial(self.model, g["input_ids"][:size], g["positions"][:size],
+                                        replace(meta, decode_splits=1))
+                graphs, outputs, pool = self._capture(run, pool, instances=2)
+                self.single_split_graphs[size] = (graphs, outputs, min_batch)
         torch.cuda.synchronize(dev)
         self._capture_prefill_graphs(pool)
+
+    def _single_split_min_batch(self, size: int) -> Optional[int]:
+        """Whether the decode graph of ``size`` rows is also captured with one KV split (Triton backend,
+        triton_attention.has_single_split_variant): the fewest sequences that take it (they fill its program
+        waves, triton_attention.single_split_fills), or None."""
+        if self.backend.name != "triton":
+            return None
+        from workers.kernels.triton_attention import device_sms, has_single_split_variant, single_split_fills
+        kv_heads, sms = self.model.attention_layers()[0].num_kv_heads, device_sms(self.device)  # this rank's
+        if not has_single_split_variant(size, kv_heads, self.max_blocks_per_seq, self.block_size, sms):
+            return None
+        return next((b for b in range(1, size + 1) if single_split_fills(b, size, kv_heads, sms)), None)
 
     def _token_buffers(self, rows: int) -> Dict[str, torch.Tensor]:
         """A graph's per-token input buffers (filled by ``_put_token_inputs``); slot -1 = padding."""
@@ -549,8 +574,14 @@ class ModelRunner:
         put(g["context_lens"][:size], np.pad(inp["ends"], (0, size - batch)))
         put(g["block_tables"][:batch, :inp["width"]], self.block_table[inp["rows"], :inp["width"]])
         instance = self.staging.turn  # alternates every step
-        self.graphs[size][instance].replay()
-        return self.graph_outputs[size][instance][:batch]
+        graphs, outputs = self.graphs[size], self.graph_outputs[size]
+        if size in self.single_split_graphs and batch >= self.single_split_graphs[size][2]:
+            # one split walks each whole context: only when none is much longer than the mean
+            ends = inp["ends"]
+            if ends.max() * batch <= SINGLE_SPLIT_MAX_OVER_MEAN * ends.sum():
+                graphs, outputs, _ = self.single_split_graphs[size]
+        graphs[instance].replay()
+        return outputs[instance][:batch]
 
     def _put_token_inputs(self, buffers: dict, size: int, inp: dict) -> None:
         """A step's per-token inputs into a graph's buffers; rows past the step's tokens get slot -1."""

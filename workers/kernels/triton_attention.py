@@ -33,6 +33,8 @@ __all__ = [
     "paged_decode_attention",
     "paged_prefill_attention",
     "choose_num_splits",
+    "has_single_split_variant",
+    "single_split_fills",
     "prefill_seq_groups",
 ]
 
@@ -49,6 +51,14 @@ _PROGRAMS_PER_SM = 12
 # loop wins (H200, scripts/probe.py, 2026-11-22: batch 128 x ~1080 tokens 94.5 % of the copy bandwidth at
 # S = 1 against 89.4 % at S = 2; batch 256 x ~1044 95.2 % against 90.4 % with the old 64-token, 2-stage tiles).
 _SINGLE_SPLIT_PROGRAMS_PER_SM = 6
+# Between 2.5 and 6 programs per SM one split wins too, but only when the sequences fill the program waves
+# evenly: at batches 48-96 with every row used (the "split1" probe, H200, 2026-12-01) it beat the rule's
+# S = 4-8 at every longest context from 128 to 2048 tokens, by 4-49 % with equal contexts and by up to 49 %
+# (never losing more than 0.4 %) with contexts spread over [L / 2, L]; but in bench.py, where a graph of 64
+# rows often runs 49-63 sequences, always taking it made those steps 2.4 % slower. So those decode graphs
+# are captured twice, and a step takes the single split when its real batch fills >= 90 % of the waves.
+_SINGLE_SPLIT_VARIANT_PROGRAMS_PER_SM = 2.5
+_SINGLE_SPLIT_MIN_FILL = 0.9
 
 
 # --------------------------------------------------------------------------------------------------
@@ -319,7 +329,7 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_blocks_per_seq: int, bl
                       num_sms: int = 132) -> int:
     """Number of KV splits for decode, from static shapes only (CUDA-graph safe).
 
-    1 when batch * num_kv_heads >= _SINGLE_SPLIT_PROGRAMS_PER_SM * num_sms; else the smallest power of two
+    1 when batch * num_kv_heads >= _SINGLE_SPLIT_PROGRAMS_PER_SM * num_sms (the batch fills the GPU); else the smallest power of two
     S with batch * num_kv_heads * S >= _PROGRAMS_PER_SM * num_sms (enough programs to fill the GPU),
     capped so that a split of the largest possible context (max_blocks_per_seq * block_size) still holds
     >= _MIN_TOKENS_PER_SPLIT tokens, and at _MAX_SPLITS.
@@ -339,15 +349,38 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_blocks_per_seq: int, bl
     return max(1, min(s, cap))
 
 
-def _decode_config(num_splits: int, block_d: int, elem_bytes: int):
-    """(BLOCK_N, num_warps, num_stages) of the decode split kernel.
+def has_single_split_variant(batch: int, num_kv_heads: int, max_blocks_per_seq: int, block_size: int,
+                             num_sms: int) -> bool:
+    """Whether a decode CUDA graph of ``batch`` rows also gets a one-split variant (see
+    _SINGLE_SPLIT_VARIANT_PROGRAMS_PER_SM): the rule splits it, yet its rows give >= 2.5 programs per SM."""
+    return (choose_num_splits(batch, num_kv_heads, max_blocks_per_seq, block_size, num_sms) > 1
+            and batch * num_kv_heads >= _SINGLE_SPLIT_VARIANT_PROGRAMS_PER_SM * num_sms)
+
+
+def single_split_fills(batch: int, graph_batch: int, num_kv_heads: int, num_sms: int) -> bool:
+    """Whether ``batch`` sequences, run in a one-split graph of ``graph_batch`` rows (padding rows' programs
+    return at once), fill >= 90 % of the program waves of that graph's tile config."""
+    block_n, _, _ = _decode_config(1, 128, 2, graph_batch * num_kv_heads, num_sms)
+    slots = num_sms * (2 if block_n == 64 else 1)  # programs resident at once (shared memory)
+    programs = batch * num_kv_heads
+    return programs >= triton.cdiv(programs, slots) * slots * _SINGLE_SPLIT_MIN_FILL
+
+
+def _decode_config(num_splits: int, block_d: int, elem_bytes: int, programs: int, num_sms: int):
+    """(BLOCK_N, num_warps, num_stages) of the decode split kernel with ``programs`` programs.
 
     A single split means each program loops over a whole context: 128-token tiles three stages deep keep
-    more of it in flight (H200 sweep in docs/kernels.md). Short per-split loops, float32 caches and head
-    dims above 128 keep the smaller tiles (and fit in shared memory)."""
+    more of it in flight (H200 sweep in docs/kernels.md). Their shared memory holds one program per SM;
+    64-token tiles hold two, which wins where the programs fill their waves as evenly either way, up to 4
+    programs per SM (batch 64 x 8 KV heads: 36.3 against 39.7 us a layer at 512 tokens; at batch 48, 80 and
+    96 the 128-token tiles won by 10-16 %; "split1" probe, H200, 2026-12-01). Short per-split loops, float32
+    caches and head dims above 128 keep the smaller tiles (and fit in shared memory)."""
     if block_d > 128:
         return 32, 4, 2
     if num_splits == 1 and elem_bytes <= 2:
+        waves_one, waves_two = triton.cdiv(programs, num_sms), triton.cdiv(programs, 2 * num_sms)
+        if programs <= 4 * num_sms and waves_one == 2 * waves_two:
+            return 64, 4, 3
         return 128, 4, 3
     return 64, 4, 2
 
@@ -392,7 +425,8 @@ def _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_s
                                        device_sms(q.device))
     num_splits = int(num_splits)
     assert num_splits >= 1
-    default_n, default_warps, default_stages = _decode_config(num_splits, block_d, k_cache.element_size())
+    default_n, default_warps, default_stages = _decode_config(
+        num_splits, block_d, k_cache.element_size(), num_kv_heads * batch * num_splits, device_sms(q.device))
     block_n = block_n or default_n
     num_warps = num_warps or default_warps
     num_stages = num_stages or default_stages
