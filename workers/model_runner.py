@@ -287,9 +287,9 @@ class ModelRunner:
         self._capture_prefill_graphs(pool)
 
     def _single_split_min_batch(self, size: int) -> Optional[int]:
-        """Whether the decode graph of ``size`` rows is also captured with one KV split (Triton backend,
-        triton_attention.has_single_split_variant): the fewest sequences that take it (they fill its program
-        waves, triton_attention.single_split_fills), or None."""
+        """The fewest sequences that take the one-KV-split twin of the decode graph of ``size`` rows (they
+        fill its program waves, triton_attention.single_split_fills), or None where that graph gets no twin
+        (Triton backend only, triton_attention.has_single_split_variant)."""
         if self.backend.name != "triton":
             return None
         from workers.kernels.triton_attention import device_sms, has_single_split_variant, single_split_fills

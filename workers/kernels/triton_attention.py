@@ -51,12 +51,14 @@ _PROGRAMS_PER_SM = 12
 # loop wins (H200, scripts/probe.py, 2026-11-22: batch 128 x ~1080 tokens 94.5 % of the copy bandwidth at
 # S = 1 against 89.4 % at S = 2; batch 256 x ~1044 95.2 % against 90.4 % with the old 64-token, 2-stage tiles).
 _SINGLE_SPLIT_PROGRAMS_PER_SM = 6
-# Between 2.5 and 6 programs per SM one split wins too, but only when the sequences fill the program waves
-# evenly: at batches 48-96 with every row used (the "split1" probe, H200, 2026-12-01) it beat the rule's
-# S = 4-8 at every longest context from 128 to 2048 tokens, by 4-49 % with equal contexts and by up to 49 %
-# (never losing more than 0.4 %) with contexts spread over [L / 2, L]; but in bench.py, where a graph of 64
-# rows often runs 49-63 sequences, always taking it made those steps 2.4 % slower. So those decode graphs
-# are captured twice, and a step takes the single split when its real batch fills >= 90 % of the waves.
+# Between 2.5 and 6 programs per SM one split can win too: at batches 48-96 (the "split1" probe, H200,
+# 2026-12-01) it beat the rule's S = 4-8 at every longest context from 128 to 2048 tokens, by 4-49 % with
+# equal contexts and by up to 49 % (never losing more than 0.4 %) with contexts spread over [L / 2, L]; but
+# in bench.py, whose late contexts spread over ~[1000, 1900], taking it at every step of those sizes made
+# the 33-64-sequence steps 2.3 % slower. So those decode graphs are captured twice and the model runner
+# picks per step: one split when the sequences fill >= 90 % of its program waves (single_split_fills;
+# reasoned from the tile results, not measured on its own) and the contexts are even
+# (model_runner.SINGLE_SPLIT_MAX_OVER_MEAN, which is what removed the bench.py loss).
 _SINGLE_SPLIT_VARIANT_PROGRAMS_PER_SM = 2.5
 _SINGLE_SPLIT_MIN_FILL = 0.9
 
@@ -329,7 +331,7 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_blocks_per_seq: int, bl
                       num_sms: int = 132) -> int:
     """Number of KV splits for decode, from static shapes only (CUDA-graph safe).
 
-    1 when batch * num_kv_heads >= _SINGLE_SPLIT_PROGRAMS_PER_SM * num_sms (the batch fills the GPU); else the smallest power of two
+    1 when batch * num_kv_heads >= _SINGLE_SPLIT_PROGRAMS_PER_SM * num_sms; else the smallest power of two
     S with batch * num_kv_heads * S >= _PROGRAMS_PER_SM * num_sms (enough programs to fill the GPU),
     capped so that a split of the largest possible context (max_blocks_per_seq * block_size) still holds
     >= _MIN_TOKENS_PER_SPLIT tokens, and at _MAX_SPLITS.
