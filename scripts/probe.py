@@ -10,12 +10,14 @@
   rule's kernel against one split (and two) by the batch's longest context, contexts flat or spread;
 - dgemm: workers.kernels.decode_gemm (block sizes x split-K x stages) against cuBLAS at 8-256 rows, with the
   following RMSNorm where the output is the hidden size (the consumer of the split-K partial sums);
+- lmhead: the LM head at 8-64 rows, cuBLAS against decode_gemm's tiles;
 - prefill: the Triton prefill attention over BLOCK_M x BLOCK_N x warps x stages at one of bench.py's prefill
   steps (prompts U[100, 1024] up to 16,384 tokens, no cached prefix), in causal TFLOP/s;
 - qkvrope: decode_gemm.qkv_rope (the q/k/v projection with q/k norm, rotary and the K/V cache write fused)
   over its row-tile sizes, against the projection as parallel.layers._linear runs it + fused.qk_norm_rope
   (PROBE_ROWS: the batch sizes, comma-separated);
-- sampler: workers.kernels.sampling.gumbel_argmax at batch 1-256 over Qwen3's vocabulary.
+- sampler: workers.kernels.sampling.gumbel_argmax at batch 1-256 over Qwen3's vocabulary, and for all-greedy
+  batches torch.argmax against the kernel without noise.
 Timings are CUDA graphs of 28 back-to-back calls on distinct memory (kernel_sweep.graph_time). Results of the
 2026-11-22 runs: docs/benchmarks.md, "Probes of this session" (the sampler variants there were timed with
 this script's earlier version, at commit `dc56805`).
@@ -182,6 +184,39 @@ def probe_decode_gemm(bw, results):
                                                best=[(tt, t, tuple(c)) for tt, t, c in timed[:8]]))
 
 
+def probe_lm_head(bw, results):
+    """The LM head (Qwen3-0.6B: 151,936 x 1,024, 311 MB) at 8-64 rows: cuBLAS (what the engine runs) against
+    workers.kernels.decode_gemm's tiles; 4 distinct weights per graph."""
+    from workers.kernels import decode_gemm as dg
+    dev = torch.device("cuda")
+    print("\n== LM head (us), 4 distinct weights per graph")
+    ws = [torch.randn(VOCAB, HIDDEN, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(4)]
+    floor = VOCAB * HIDDEN * 2 / bw
+    for m in (8, 16, 32, 64):
+        x = torch.randn(m, HIDDEN, device=dev, dtype=torch.bfloat16)
+        ref = torch.nn.functional.linear(x, ws[0]).float()
+        cublas = graph_time(lambda i: torch.nn.functional.linear(x, ws[i]), repeats=4)
+        timed = []
+        row_tiles = (16,) if m <= 16 else ((32,) if m <= 32 else (32, 64))  # choose_config's rows a tile, +64
+        for bm, bn, bk, st, warps in itertools.product(row_tiles, (64, 128), (64, 128), (3, 5), (4, 8)):
+            cfg = dg.GemmConfig(bm, bn, bk, 1, st, warps)
+            if not dg.tiles(cfg, m, VOCAB, HIDDEN):
+                continue
+            try:
+                y = dg.decode_gemm(x, ws[0], cfg).float()
+                if (y - ref).abs().max().item() > 2e-2 * ref.abs().max().item():
+                    print(f"   m={m} {cfg}: wrong")
+                    continue
+                timed.append((graph_time(lambda i: dg.decode_gemm(x, ws[i], cfg), repeats=4), cfg))
+            except Exception as e:  # noqa: BLE001
+                print(f"   m={m} {cfg}: {type(e).__name__} {str(e)[:60]}")
+        timed.sort(key=lambda r: r[0])
+        print(f"M={m:>3}: cublas {cublas * 1e6:6.1f} us  floor {floor * 1e6:5.1f}  best: "
+              + "; ".join(f"{t * 1e6:6.1f} {tuple(c)}" for t, c in timed[:3]), flush=True)
+        results["lm_head"].append(dict(m=m, cublas=cublas, floor_s=floor, best=[(t, tuple(c)) for t, c in timed[:8]]))
+    del ws
+
+
 def probe_prefill(bw, results):
     dev = torch.device("cuda")
     rng = random.Random(0)
@@ -227,9 +262,13 @@ def probe_sampler(bw, results):
         seeds = torch.arange(batch, device=dev)
         pos = torch.arange(batch, device=dev) + 100
         t = graph_time(lambda i: gumbel_argmax(logits[i], temps, seeds, pos))
-        print(f"B={batch:>4}: {t * 1e6:6.1f} us (logits read at copy bw: {batch * VOCAB * 2 / bw * 1e6:5.1f})",
-              flush=True)
-        results["sampler"].append(dict(batch=batch, seconds=t))
+        # every row greedy: torch.argmax (what the engine runs) against the kernel without noise
+        t_argmax = graph_time(lambda i: logits[i].argmax(dim=-1))
+        t_greedy = graph_time(lambda i: gumbel_argmax(logits[i], None, None, None))
+        assert torch.equal(gumbel_argmax(logits[0], None, None, None), logits[0].argmax(dim=-1))
+        print(f"B={batch:>4}: {t * 1e6:6.1f} us (logits read at copy bw: {batch * VOCAB * 2 / bw * 1e6:5.1f}); "
+              f"greedy: torch.argmax {t_argmax * 1e6:6.1f}, kernel without noise {t_greedy * 1e6:6.1f}", flush=True)
+        results["sampler"].append(dict(batch=batch, seconds=t, argmax_seconds=t_argmax, greedy_seconds=t_greedy))
         del logits
 
 
@@ -289,17 +328,18 @@ def probe_qkv_rope(bw, results):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--json")
-    p.add_argument("--only", default="small,attn,dgemm,qkvrope")
+    p.add_argument("--only", default="small,attn,dgemm,qkvrope")  # also split1, lmhead, prefill, sampler
     args = p.parse_args()
     bw = measure_copy_bandwidth()
     print(f"copy bandwidth {bw / 1e9:,.0f} GB/s")
     results = {"copy_bandwidth": bw, "attention": [], "decode_gemm": [], "small_linear": [], "qkv_rope": [], "prefill": [], "sampler": [],
-               "single_split": []}
+               "single_split": [], "lm_head": []}
     parts = args.only.split(",")
     t0 = time.time()
     for part, fn in (("small", lambda: probe_small_linear(bw, results)), ("attn", lambda: probe_attention(bw, results)),
                      ("split1", lambda: probe_single_split(bw, results)),
                      ("dgemm", lambda: probe_decode_gemm(bw, results)),
+                     ("lmhead", lambda: probe_lm_head(bw, results)),
                      ("qkvrope", lambda: probe_qkv_rope(bw, results)),
                      ("prefill", lambda: probe_prefill(bw, results)),
                      ("sampler", lambda: probe_sampler(bw, results))):
