@@ -17,9 +17,9 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from workers.kernels.triton_attention import (  # noqa: E402
+    _decode_config,
     choose_num_splits,
     has_single_split_variant,
-    single_split_fills,
     paged_decode_attention,
     paged_prefill_attention,
     prefill_seq_groups,
@@ -253,12 +253,40 @@ def test_single_split_variant_rule():
     assert has_single_split_variant(96, 8, 256, 16, num_sms=132)
     assert not has_single_split_variant(32, 8, 256, 16, num_sms=132)  # 256 programs
     assert not has_single_split_variant(128, 8, 256, 16, num_sms=132)  # the rule already takes one split
-    # graph of 64 rows: 512 programs take 64-token tiles, two resident per SM: 264 slots a wave, so 2 waves;
-    # 60 rows = 480 programs >= 0.9 x 528, 59 rows = 472 < 475.2
-    assert single_split_fills(64, 64, 8, num_sms=132) and single_split_fills(60, 64, 8, num_sms=132)
-    assert not single_split_fills(59, 64, 8, num_sms=132)
-    # graph of 48 rows: 128-token tiles, one per SM: 45 rows = 360 programs >= 0.9 x 396; 44 rows = 352 < 356.4
-    assert single_split_fills(45, 48, 8, num_sms=132) and not single_split_fills(44, 48, 8, num_sms=132)
+
+
+def test_single_split_tiles():
+    # one split: 64-token tiles between 3 and 4 programs per SM (512 programs on 132 SMs), else 128-token
+    # tiles; with splits, or float32 caches, 64-token 2-stage tiles; head dims above 128 the smallest tiles
+    assert _decode_config(1, 128, 2, 512, 132) == (64, 4, 3)
+    assert _decode_config(1, 128, 2, 396, 132) == (128, 4, 3) == _decode_config(1, 128, 2, 529, 132)
+    assert _decode_config(4, 128, 2, 2048, 132) == (64, 4, 2) == _decode_config(1, 128, 4, 512, 132)
+    assert _decode_config(1, 256, 2, 512, 132) == (32, 4, 2)
+
+
+def test_decode_kernel_compiles_for_hopper():
+    """The decode kernel at the engine's tile configs compiled for sm_90a on any machine (Triton's compiler and
+    ptxas, no GPU; scripts/kernel_resources.py, in its own process, as this module may run the interpreter):
+    it compiles (the interpreter runs Python, not the compiler), and a program fits an SM's registers and
+    shared memory."""
+    pytest.importorskip("triton.backends.nvidia")
+    import json
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, os.path.join(root, "scripts", "kernel_resources.py"), "--json"],
+                         capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    if "no ptxas in the Triton installation" in run.stderr:
+        pytest.skip("this Triton installation ships no ptxas")
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    # the configs the engine picks: one split at 3-4 and at 7.8 programs per SM, four splits
+    picked = [(block_n, stages, splits) for splits, programs in ((1, 512), (1, 1024), (4, 2048))
+              for block_n, _, stages in [_decode_config(splits, 128, 2, programs, 132)]]
+    assert [tuple(r["config"]) for r in results] == picked
+    for r in results:
+        assert r["registers"] <= 255 and r["shared_bytes"] <= 227 * 1024, r
 
 
 def test_choose_num_splits():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional
@@ -31,11 +32,14 @@ from workers.sampler import SamplingBatch, sample
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 GRAPH_RESERVE_BYTES = 512 << 20  # kept free for CUDA graphs and allocator slack when sizing the KV cache
-# A decode step takes its graph's one-KV-split variant only when its longest context is at most this times
-# the mean: on an H200 equal contexts gained 10-12 % a layer at batch 64 (scripts/probe.py split1), while
-# bench.py's late steps, whose contexts spread over ~[1000, 1900] (longest / mean ~1.3), ran their 33-64-
-# sequence steps 2.3 % slower with it (2026-12-01). The cut between the two is not measured finer.
+# A decode step takes its graph's one-KV-split twin (triton_attention.has_single_split_variant) only when
+# its longest context is at most SINGLE_SPLIT_MAX_OVER_MEAN times the mean: on an H200 equal contexts gained
+# 10-12 % a layer at batch 64 (scripts/probe.py split1), while bench.py's late steps, whose contexts spread
+# over ~[1000, 1900] (longest / mean ~1.3), ran their 33-64-sequence steps 2.3 % slower with it
+# (2026-12-01); the cut between the two is not measured finer. And only when its sequences fill at least
+# SINGLE_SPLIT_MIN_ROWS of the graph's rows: full graphs are what was measured.
 SINGLE_SPLIT_MAX_OVER_MEAN = 1.15
+SINGLE_SPLIT_MIN_ROWS = 0.9
 PREFILL_GRAPH_TOKENS = (64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)  # see prefill_graph_sizes
 
 
@@ -287,16 +291,16 @@ class ModelRunner:
         self._capture_prefill_graphs(pool)
 
     def _single_split_min_batch(self, size: int) -> Optional[int]:
-        """The fewest sequences that take the one-KV-split twin of the decode graph of ``size`` rows (they
-        fill its program waves, triton_attention.single_split_fills), or None where that graph gets no twin
-        (Triton backend only, triton_attention.has_single_split_variant)."""
+        """The fewest sequences that take the one-KV-split twin of the decode graph of ``size`` rows, or None
+        where that graph gets no twin (Triton backend only, triton_attention.has_single_split_variant)."""
         if self.backend.name != "triton":
             return None
-        from workers.kernels.triton_attention import device_sms, has_single_split_variant, single_split_fills
-        kv_heads, sms = self.model.attention_layers()[0].num_kv_heads, device_sms(self.device)  # this rank's
-        if not has_single_split_variant(size, kv_heads, self.max_blocks_per_seq, self.block_size, sms):
+        from workers.kernels.triton_attention import device_sms, has_single_split_variant
+        kv_heads = self.model.attention_layers()[0].num_kv_heads  # this rank's
+        if not has_single_split_variant(size, kv_heads, self.max_blocks_per_seq, self.block_size,
+                                        device_sms(self.device)):
             return None
-        return next((b for b in range(1, size + 1) if single_split_fills(b, size, kv_heads, sms)), None)
+        return math.ceil(SINGLE_SPLIT_MIN_ROWS * size)
 
     def _token_buffers(self, rows: int) -> Dict[str, torch.Tensor]:
         """A graph's per-token input buffers (filled by ``_put_token_inputs``); slot -1 = padding."""

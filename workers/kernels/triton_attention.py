@@ -34,7 +34,6 @@ __all__ = [
     "paged_prefill_attention",
     "choose_num_splits",
     "has_single_split_variant",
-    "single_split_fills",
     "prefill_seq_groups",
 ]
 
@@ -56,11 +55,8 @@ _SINGLE_SPLIT_PROGRAMS_PER_SM = 6
 # equal contexts and by up to 49 % (never losing more than 0.4 %) with contexts spread over [L / 2, L]; but
 # in bench.py, whose late contexts spread over ~[1000, 1900], taking it at every step of those sizes made
 # the 33-64-sequence steps 2.3 % slower. So those decode graphs are captured twice and the model runner
-# picks per step: one split when the sequences fill >= 90 % of its program waves (single_split_fills;
-# reasoned from the tile results, not measured on its own) and the contexts are even
-# (model_runner.SINGLE_SPLIT_MAX_OVER_MEAN, which is what removed the bench.py loss).
+# picks per step (model_runner.ModelRunner._run_graph: a nearly full graph with even contexts).
 _SINGLE_SPLIT_VARIANT_PROGRAMS_PER_SM = 2.5
-_SINGLE_SPLIT_MIN_FILL = 0.9
 
 
 # --------------------------------------------------------------------------------------------------
@@ -359,31 +355,22 @@ def has_single_split_variant(batch: int, num_kv_heads: int, max_blocks_per_seq: 
             and batch * num_kv_heads >= _SINGLE_SPLIT_VARIANT_PROGRAMS_PER_SM * num_sms)
 
 
-def single_split_fills(batch: int, graph_batch: int, num_kv_heads: int, num_sms: int) -> bool:
-    """Whether ``batch`` sequences, run in a one-split graph of ``graph_batch`` rows (padding rows' programs
-    return at once), fill >= 90 % of the program waves of that graph's tile config."""
-    block_n, _, _ = _decode_config(1, 128, 2, graph_batch * num_kv_heads, num_sms)
-    slots = num_sms * (2 if block_n == 64 else 1)  # programs resident at once (shared memory)
-    programs = batch * num_kv_heads
-    return programs >= triton.cdiv(programs, slots) * slots * _SINGLE_SPLIT_MIN_FILL
-
-
 def _decode_config(num_splits: int, block_d: int, elem_bytes: int, programs: int, num_sms: int):
     """(BLOCK_N, num_warps, num_stages) of the decode split kernel with ``programs`` programs.
 
     A single split means each program loops over a whole context: 128-token tiles three stages deep keep
-    more of it in flight (H200 sweep in docs/kernels.md). Their shared memory holds one program per SM;
-    64-token tiles hold two, which wins where the programs fill their waves as evenly either way, up to 4
-    programs per SM (batch 64 x 8 KV heads: 36.3 against 39.7 us a layer at 512 tokens; at batch 48, 80 and
-    96 the 128-token tiles won by 10-16 %; "split1" probe, H200, 2026-12-01). Short per-split loops, float32
-    caches and head dims above 128 keep the smaller tiles (and fit in shared memory)."""
+    more of it in flight (H200 sweep in docs/kernels.md), except between 3 and 4 programs per SM, where
+    64-token tiles were faster (batch 64 x 8 KV heads = 512 programs: 36.3 against 39.7 us a layer at 512
+    tokens; at 384, 640 and 768 programs the 128-token tiles won by 10-16 %; "split1" probe, H200,
+    2026-12-01). The programs resident per SM explain it: four with 64-token tiles, three with 128-token
+    ones (108 / 134 registers a thread, 38.5 / 72.5 KB of shared memory: scripts/kernel_resources.py), so
+    3-4 programs per SM run in one wave of the 64-token tiles, while at 384, 640 and 768 programs the
+    128-token tiles fill their waves better. Short per-split loops, float32 caches and head dims above 128
+    keep the smaller tiles (and fit in shared memory)."""
     if block_d > 128:
         return 32, 4, 2
     if num_splits == 1 and elem_bytes <= 2:
-        waves_one, waves_two = triton.cdiv(programs, num_sms), triton.cdiv(programs, 2 * num_sms)
-        if programs <= 4 * num_sms and waves_one == 2 * waves_two:
-            return 64, 4, 3
-        return 128, 4, 3
+        return (64, 4, 3) if 3 * num_sms < programs <= 4 * num_sms else (128, 4, 3)
     return 64, 4, 2
 
 
