@@ -6,8 +6,8 @@
 - attn: the decode kernel over splits (1, 2 and the rule's S, S / 2, 2 S) x tile x stages (4 warps) at
   PROBE_BATCHES (default 256,128,64,8; also 32, 48, 80, 96 with bench_latency's 512-768-token contexts, and
   64L, 32L with bench.py's late 900-2000-token ones);
-- split1: at the decode graph sizes the rule gives several KV splits (PROBE_BATCHES, default 16-96), the
-  rule's kernel against one split (and two) by the batch's longest context, contexts flat or spread;
+- split1: at decode graph sizes 16-128 (PROBE_BATCHES), the rule's kernel against one split with 64- and
+  128-token tiles (and two splits) by the batch's longest context, contexts flat or spread;
 - dgemm: workers.kernels.decode_gemm (block sizes x split-K x stages) against cuBLAS at 8-256 rows, with the
   following RMSNorm where the output is the hidden size (the consumer of the split-K partial sums);
 - lmhead: the LM head at 8-64 rows, cuBLAS against decode_gemm's tiles;
@@ -100,7 +100,9 @@ def probe_single_split(bw, results):
     rng = random.Random(0)
     max_blocks = 4096 // BLOCK
     print("\n== one KV split vs the rule's (us/layer), by batch and longest context L")
-    batches = [int(b) for b in os.environ.get("PROBE_BATCHES", "16,32,48,64,80,96").split(",")]
+    # 112 and 128: one split is already the rule there; the row "rule" is its 128-token tiles, against which
+    # the 64-token ones run (docs/kernels.md predicts them faster at 7-8 programs per SM)
+    batches = [int(b) for b in os.environ.get("PROBE_BATCHES", "16,32,48,64,80,96,112,128").split(",")]
     for batch in batches:
         rule_s = ta.choose_num_splits(batch, HKV, max_blocks, BLOCK, device_sms(dev))
         rn, rw, rst = ta._decode_config(rule_s, D, 2, batch * HKV * rule_s, device_sms(dev))
