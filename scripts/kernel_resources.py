@@ -1,11 +1,14 @@
-"""Registers, spills and shared memory of the decode attention kernel at the engine's tile configs, compiled
-for Hopper (sm_90a) on any machine, no GPU needed (Triton's compiler and its bundled ptxas).
+"""Every Triton kernel of the engine compiled for Hopper (sm_90a) on any machine, no GPU needed (Triton's
+compiler and the ptxas it ships): registers a thread, spilled bytes and shared memory a program.
 
-    python scripts/kernel_resources.py [--json]
+    python scripts/kernel_resources.py [--only decode_attention,...] [--json]
 
-The arguments get the specializations Triton's JIT gives them at run time (pointers and the strides that
-are multiples of 16 marked so; the unit strides are 1), or the compiler cannot vectorize the K/V loads and
-the numbers mean nothing. Qwen3-0.6B's shapes: GQA group 2, head dim 128, block size 16, bf16.
+Each kernel is compiled at the configs the engine picks for Qwen3-0.6B's shapes in bf16 (16 q heads, 8 KV
+heads, head dim 128, hidden 1024, intermediate 3072; 132 SMs), with the specializations Triton's JIT gives
+the arguments at run time: pointers and the other integer arguments marked multiples of 16, the unit
+strides the constant 1. Without them the compiler cannot prove the loads contiguous and aligned, and the
+numbers mean nothing. tests/test_triton_kernels.py runs it in CI: the interpreter that runs the kernels
+on the CPU executes Python, not the compiler, so this is where a kernel that would not compile shows up.
 """
 
 from __future__ import annotations
@@ -16,21 +19,117 @@ import re
 import subprocess
 import sys
 import tempfile
+from typing import NamedTuple
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+os.environ.pop("TRITON_INTERPRET", None)  # compile for real (before the kernel modules define their kernels)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-os.environ.pop("TRITON_INTERPRET", None)  # compile for real (set before triton_attention defines its kernels)
+from workers.kernels import decode_gemm as dg  # noqa: E402
+from workers.kernels import fused, sampling, small_linear  # noqa: E402
 from workers.kernels import triton_attention as ta  # noqa: E402
 
-POINTERS = {"Q": "*bf16", "KCache": "*bf16", "VCache": "*bf16", "BlockTables": "*i32", "ContextLens": "*i32",
-            "Out": "*bf16", "OWs": "*fp32", "LseWs": "*fp32"}
-MULTIPLE_OF_16 = set(POINTERS) | {"stride_qb", "stride_qh", "stride_k_slot", "stride_k_h", "stride_v_slot",
-                                  "stride_v_h", "stride_ob", "stride_oh"}
-UNIT = {"stride_qd", "stride_od"}  # 1 at run time: the JIT makes them constants
+HQ, HKV, D, HIDDEN, INTER, SMS = 16, 8, 128, 1024, 3072, 132
+FLOAT_ARGS = {"qk_scale", "eps"}
+
+
+class Spec(NamedTuple):
+    family: str  # for --only
+    label: str
+    kernel: object  # a triton.JITFunction
+    pointers: dict  # argument -> pointer type ("*bf16", ...)
+    constexprs: dict  # the kernel's constexpr arguments, and run-time constants (unit strides)
+    num_warps: int
+    num_stages: int = 3
+
+
+def _gemm(label: str, config: dg.GemmConfig, silu: bool, split_out: bool) -> Spec:
+    out = "*fp32" if split_out else "*bf16"
+    return Spec("decode_gemm", label, dg._decode_gemm_kernel,
+                {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": out},
+                dict(HAS_BIAS=False, SILU_MUL=silu, SPLIT_OUT=split_out, BLOCK_M=config.block_m,
+                     BLOCK_N=config.block_n, BLOCK_K=config.block_k, STAGES=config.stages, PRECISION="tf32",
+                     PDL=True, PREFETCH=False), config.warps, config.stages)
+
+
+def _stages(rows_a_stage: int, block_k: int) -> int:
+    return dg.pipeline_stages(rows_a_stage * block_k * 2)
+
+
+def specs() -> list:
+    """The kernels and configs compiled: those decode_gemm.choose_config, _decode_config, _prefill_config,
+    small_linear._config and the fused/sampling wrappers pick for Qwen3-0.6B."""
+    attn_ptrs = {"Q": "*bf16", "KCache": "*bf16", "VCache": "*bf16", "BlockTables": "*i32", "ContextLens": "*i32",
+                 "Out": "*bf16", "OWs": "*fp32", "LseWs": "*fp32", "CuSeqlensQ": "*i32", "SeqIds": "*i32"}
+    out = []
+    for programs, splits in ((512, 1), (1024, 1), (2048, 4)):  # batch 64 / 128 one split, batch 64 four splits
+        block_n, warps, stages = ta._decode_config(splits, D, 2, programs, SMS)
+        out.append(Spec("decode_attention", f"decode split kernel, BLOCK_N {block_n}, {stages} stages, "
+                        f"{splits} split(s)", ta._decode_split_kernel, attn_ptrs,
+                        dict(GROUP=HQ // HKV, HEAD_DIM=D, BLOCK_H=16, BLOCK_D=D, BLOCK_N=block_n, BLOCK_SIZE=16,
+                             NUM_SPLITS=splits, IEEE=False, PDL=True, stride_qd=1, stride_od=1), warps, stages))
+    out.append(Spec("decode_attention", "decode split reduction, 4 splits", ta._decode_reduce_kernel, attn_ptrs,
+                    dict(NUM_HEADS=HQ, HEAD_DIM=D, BLOCK_D=D, BLOCK_N=64, NUM_SPLITS=4, BLOCK_S=4, PDL=True,
+                         stride_od=1), 2))
+    for q_len in (16, 64, 1024):
+        bm, bn, warps, stages = ta._prefill_config(q_len, D)
+        out.append(Spec("prefill_attention", f"prefill, queries of {q_len} rows ({bm}, {bn}, {warps}, {stages})",
+                        ta._prefill_kernel, attn_ptrs,
+                        dict(GROUP=HQ // HKV, HEAD_DIM=D, BLOCK_M=bm, BLOCK_D=D, BLOCK_N=bn, BLOCK_SIZE=16,
+                             IEEE=False, HAS_SEQ_IDS=q_len == 16, stride_qd=1, stride_od=1), warps, stages))
+    out.append(Spec("store_kvcache", "K/V cache store", ta._store_kvcache_kernel,
+                    {"Key": "*bf16", "Value": "*bf16", "KCache": "*bf16", "VCache": "*bf16", "SlotMapping": "*i64"},
+                    dict(NUM_HEADS=HKV, HEAD_DIM=D, BLOCK_H=HKV, BLOCK_D=D, stride_kd=1, stride_vd=1), 4))
+    # decode_gemm at 64 rows (choose_config): o / down split over K, gate/up + SiLU whole; at 8 rows, q/k/v
+    out.append(_gemm("decode_gemm o_proj, 64 rows, split K", dg.GemmConfig(32, 64, 128, 4, _stages(96, 128), 4),
+                     False, True))
+    out.append(_gemm("decode_gemm gate/up + SiLU, 64 rows", dg.GemmConfig(32, 64, 64, 1, _stages(160, 64), 4),
+                     True, False))
+    out.append(_gemm("decode_gemm 8 rows", dg.GemmConfig(16, 64, 128, 1, _stages(80, 128), 4), False, False))
+    qkv_stages = _stages(D + 16, 128)
+    out.append(Spec("qkv_rope", "q/k/v projection + norm + rotary + K/V store, 64 rows", dg._qkv_rope_kernel,
+                    {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "qw_ptr": "*bf16",
+                     "kw_ptr": "*bf16", "cos_sin_ptr": "*bf16", "pos_ptr": "*i64", "kc_ptr": "*bf16",
+                     "vc_ptr": "*bf16", "slot_ptr": "*i64"},
+                    dict(NUM_Q=HQ, NUM_KV=HKV, HALF=D // 2, HAS_BIAS=False, HAS_NORM=True, STORE=True, BLOCK_M=16,
+                         BLOCK_K=128, STAGES=qkv_stages, PRECISION="tf32", PDL=True, PREFETCH=False),
+                    4, qkv_stages))
+    norm_ptrs = {"x_ptr": "*fp32", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "res_out_ptr": "*bf16"}
+    for splits in (0, 4):
+        out.append(Spec("fused", f"residual add + RMSNorm, {splits or 'no'} split-K partial sums",
+                        fused._add_rmsnorm_kernel, dict(norm_ptrs, x_ptr="*fp32" if splits else "*bf16"),
+                        dict(HAS_RES=True, SPLITS=splits, BLOCK=HIDDEN, PDL=True), 4))
+    out.append(Spec("fused", "q/k norm + rotary + K/V store, one token", fused._norm_rope_kernel,
+                    {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "qw_ptr": "*bf16", "kw_ptr": "*bf16",
+                     "cos_sin_ptr": "*bf16", "pos_ptr": "*i64", "kc_ptr": "*bf16", "vc_ptr": "*bf16",
+                     "slot_ptr": "*i64"},
+                    dict(NUM_Q=HQ, NUM_KV=HKV, BLOCK_Q=HQ, BLOCK_KV=HKV, HAS_NORM=True, STORE=True, HALF=D // 2,
+                         PDL=True), 4))
+    out.append(Spec("fused", "SiLU and mul", fused._silu_mul_kernel, {"x_ptr": "*bf16", "out_ptr": "*bf16"},
+                    dict(BLOCK=1024, PDL=True), 4))
+    for prologue, (n, k) in ((small_linear.ADD_RMSNORM, (HQ * D + 2 * HKV * D, HIDDEN)),
+                             (small_linear.SILU_MUL, (HIDDEN, INTER))):
+        block_n, block_k = small_linear._config(n, k, SMS)
+        out.append(Spec("small_linear", f"one-row GEMV, prologue {prologue}, [{n}, {k}]",
+                        small_linear._small_linear_kernel,
+                        {"x_ptr": "*bf16", "r_ptr": "*bf16", "g_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16",
+                         "y_ptr": "*bf16", "r_out_ptr": "*bf16"},
+                        dict(PROLOGUE=prologue, HAS_BIAS=False, BLOCK_N=block_n, BLOCK_K=block_k,
+                             BLOCK_ROW=triton.next_power_of_2(2 * k if prologue == small_linear.SILU_MUL else k),
+                             NUM_STAGES=4), 4))
+    sample_ptrs = {"logits_ptr": "*bf16", "temps_ptr": "*fp32", "seeds_ptr": "*i64", "positions_ptr": "*i64",
+                   "best_val_ptr": "*fp32", "best_idx_ptr": "*i64", "out_ptr": "*i64"}
+    for noise in (True, False):
+        out.append(Spec("sampling", f"sampler, vocabulary chunks, {'Gumbel noise' if noise else 'greedy'}",
+                        sampling._gumbel_partial_kernel, sample_ptrs,
+                        dict(MAX_CHUNKS=sampling.MAX_CHUNKS, BLOCK=4096, FAST_LOG=True, NOISE=noise, PDL=True), 8))
+    out.append(Spec("sampling", "sampler, best chunk", sampling._gumbel_reduce_kernel, sample_ptrs,
+                    dict(MAX_CHUNKS=sampling.MAX_CHUNKS, PDL=True), 1))
+    return out
 
 
 def ptxas_path() -> str:
@@ -43,16 +142,27 @@ def ptxas_path() -> str:
     raise FileNotFoundError("no ptxas in the Triton installation")
 
 
-def resources(block_n: int, stages: int, num_splits: int) -> dict:
-    """{registers, spill_bytes, shared_bytes} a program of the decode split kernel at this config."""
-    fn = ta._decode_split_kernel
-    consts = dict(GROUP=2, HEAD_DIM=128, BLOCK_H=16, BLOCK_D=128, BLOCK_N=block_n, BLOCK_SIZE=16,
-                  NUM_SPLITS=num_splits, IEEE=False, PDL=True, **dict.fromkeys(UNIT, 1))
-    sig = {n: POINTERS.get(n, "constexpr" if n in consts else ("fp32" if n == "qk_scale" else "i32"))
-           for n in fn.arg_names}
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in MULTIPLE_OF_16}
-    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": stages})
+def resources(spec: Spec) -> dict:
+    """{registers, spill_bytes, shared_bytes} of one program of ``spec``'s kernel."""
+    fn = spec.kernel
+    unspecialized = {fn.arg_names[i] if isinstance(i, int) else i for i in (fn.do_not_specialize or ())}
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in spec.constexprs:
+            sig[name] = "constexpr"
+        elif name in spec.pointers:
+            sig[name] = spec.pointers[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in FLOAT_ARGS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if name not in unspecialized:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    constexprs = {k: v for k, v in spec.constexprs.items() if k in fn.arg_names}
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
+                            target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "k.ptx")
         with open(ptx, "w") as f:
@@ -67,19 +177,19 @@ def resources(block_n: int, stages: int, num_splits: int) -> dict:
             "shared_bytes": kernel.metadata.shared}
 
 
-CONFIGS = ((64, 3, 1), (128, 3, 1), (64, 2, 4))  # (BLOCK_N, stages, splits): what _decode_config picks
-
-
 def main():
+    only = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--only=")), None)
+    if "--only" in sys.argv[1:]:
+        only = sys.argv[sys.argv.index("--only") + 1]
+    chosen = [s for s in specs() if only is None or s.family in only.split(",")]
     if "--json" in sys.argv[1:]:  # for tests/test_triton_kernels.py
-        print(json.dumps([{"config": list(c), **resources(*c)} for c in CONFIGS]))
+        print(json.dumps([{"family": s.family, "label": s.label, **resources(s)} for s in chosen]))
         return
-    print(f"Triton {triton.__version__}, {os.path.basename(ptxas_path())}; decode split kernel, 4 warps")
-    for block_n, stages, splits in CONFIGS:
-        r = resources(block_n, stages, splits)
-        print(f"  BLOCK_N {block_n:>3}, {stages} stages, {'one split' if splits == 1 else f'{splits} splits'}: "
-              f"{r['registers']} registers, {r['spill_bytes']} bytes spilled, "
-              f"{r['shared_bytes'] / 1024:.1f} KB shared memory")
+    print(f"Triton {triton.__version__}, {os.path.basename(ptxas_path())}, sm_90a")
+    for s in chosen:
+        r = resources(s)
+        print(f"  {s.label}: {r['registers']} registers, {r['spill_bytes']} bytes spilled, "
+              f"{r['shared_bytes'] / 1024:.1f} KB shared memory ({s.num_warps} warps)", flush=True)
 
 
 if __name__ == "__main__":

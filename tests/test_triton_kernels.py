@@ -264,11 +264,11 @@ def test_single_split_tiles():
     assert _decode_config(1, 256, 2, 512, 132) == (32, 4, 2)
 
 
-def test_decode_kernel_compiles_for_hopper():
-    """The decode kernel at the engine's tile configs compiled for sm_90a on any machine (Triton's compiler and
-    ptxas, no GPU; scripts/kernel_resources.py, in its own process, as this module may run the interpreter):
-    it compiles (the interpreter runs Python, not the compiler), and a program fits an SM's registers and
-    shared memory."""
+def test_kernels_compile_for_hopper():
+    """Every engine kernel at the configs the engine picks, compiled for sm_90a on any machine (Triton's
+    compiler and ptxas, no GPU; scripts/kernel_resources.py, in its own process, as this module may run the
+    interpreter, which executes Python and never the compiler): each compiles, and a program fits an SM's
+    registers and shared memory."""
     pytest.importorskip("triton.backends.nvidia")
     import json
     import subprocess
@@ -276,15 +276,13 @@ def test_decode_kernel_compiles_for_hopper():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, os.path.join(root, "scripts", "kernel_resources.py"), "--json"],
-                         capture_output=True, text=True, env=env, cwd=root, timeout=300)
+                         capture_output=True, text=True, env=env, cwd=root, timeout=600)
     if "no ptxas in the Triton installation" in run.stderr:
         pytest.skip("this Triton installation ships no ptxas")
-    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
-    # the configs the engine picks: one split at 3-4 and at 7.8 programs per SM, four splits
-    picked = [(block_n, stages, splits) for splits, programs in ((1, 512), (1, 1024), (4, 2048))
-              for block_n, _, stages in [_decode_config(splits, 128, 2, programs, 132)]]
-    assert [tuple(r["config"]) for r in results] == picked
+    assert {r["family"] for r in results} == {"decode_attention", "prefill_attention", "store_kvcache",
+                                              "decode_gemm", "qkv_rope", "fused", "small_linear", "sampling"}
     for r in results:
         assert r["registers"] <= 255 and r["shared_bytes"] <= 227 * 1024, r
 
