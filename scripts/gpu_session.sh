@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: GPU tests, then the benchmarks. Usage (from the repo root, on the device):
 #   bash scripts/gpu_session.sh [tests|bench|bench-fa3|bench-tp2|profile|profile-latency|profile-prefill|cprofile|
-#                                cprofile-latency|sweep|probe|decode-step|fa3|latency|pytest|all]
+#                                cprofile-latency|sweep|probe|decode-step|fa3|latency|pytest|ab|all]
 # BENCH_ARGS (e.g. "--attention-backend triton") go to bench.py and bench_latency.py; SWEEP_ARGS to kernel_sweep.py....
 # Writes logs and JSON under $OUT (or ./gpu_out). `profile` runs bench.py with the worker's torch-profiler
 # window (steps 300-330, NANOVLLM_PROFILE_DIR) and prints the device busy/idle share of that window and its
@@ -10,7 +10,16 @@
 # `profile-prefill` over bench.py's first prefill steps. `probe` runs scripts/probe.py (PROBE_ARGS), `pytest`
 # pytest with PYTEST_ARGS (default tests/test_gpu.py).
 # `fa3` (not in `all`) runs the flash-attn tests and scripts/attention_yardstick.py (Triton vs FlashAttention-3).
+# `ab` (not in `all`) times this tree against an older one in the same call, interleaved: make it first on
+# the CPU machine with `bash scripts/gpu_session.sh ab-tree COMMIT` (writes ./ab_dir, untracked, so the device
+# copy carries it; delete it afterwards), then AB_CMD (default: bench_latency.py --batch-sizes 1,64
+# --repeats 3) runs AB_ROUNDS times (default 2) on each side, new then old.
 set -uo pipefail
+if [ "${1:-}" = ab-tree ]; then  # on the CPU machine, not the device: the older tree for `ab`
+  [ -n "${2:-}" ] || { echo "usage: bash scripts/gpu_session.sh ab-tree COMMIT" >&2; exit 2; }
+  rm -rf ab_dir && mkdir ab_dir && git archive "$2" | tar -x -C ab_dir && echo "ab_dir: $(git rev-parse --short "$2")"
+  exit $?
+fi
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 if ! python3 -c "import zmq" 2>/dev/null; then
@@ -29,6 +38,7 @@ if [ -f .fa3/flash_attn_3/_C.abi3.so.xz ]; then
   fi
   export PYTHONPATH=$PWD/.fa3_site:${PYTHONPATH:-}
 fi
+SITE_PATH=${PYTHONPATH:-}
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 for what in "${@:-all}"; do
@@ -49,6 +59,13 @@ for what in "${@:-all}"; do
     fa3) python3 -c "from workers.flash_attention import flash_attn_version as v; print('flash-attn version:', v())"
       python3 -m pytest -q -rs tests/test_gpu.py -k flash 2>&1 | tee "$OUT/fa3_tests.log" | tail -5
       python3 scripts/attention_yardstick.py --json "$OUT/attention_yardstick.json" 2>&1 | tee "$OUT/attention_yardstick.log" ;;&
+    ab) if [ ! -d ab_dir ]; then echo "ab: no ./ab_dir (bash scripts/gpu_session.sh ab-tree COMMIT, on the CPU machine)"
+        else
+          for round in $(seq "${AB_ROUNDS:-2}"); do
+            echo "== new (round $round)"; python3 ${AB_CMD:-bench_latency.py --batch-sizes 1,64 --repeats 3} 2>&1 | tail -${AB_TAIL:-4}
+            echo "== old (round $round)"; (cd ab_dir && PYTHONPATH=$PWD:$SITE_PATH python3 ${AB_CMD:-bench_latency.py --batch-sizes 1,64 --repeats 3} 2>&1 | tail -${AB_TAIL:-4})
+          done 2>&1 | tee "$OUT/ab.log"
+        fi ;;&
     latency|all) python3 bench_latency.py ${BENCH_ARGS:-} --json "$OUT/latency.json" 2>&1 | tee "$OUT/latency.log" ;;
   esac
 done
