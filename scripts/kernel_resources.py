@@ -178,11 +178,14 @@ def resources(spec: Spec) -> dict:
 
 
 def main():
-    only = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--only=")), None)
-    if "--only" in sys.argv[1:]:
-        only = sys.argv[sys.argv.index("--only") + 1]
-    chosen = [s for s in specs() if only is None or s.family in only.split(",")]
-    if "--json" in sys.argv[1:]:  # for tests/test_triton_kernels.py
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", help="comma-separated families (decode_attention, prefill_attention, store_kvcache, "
+                                  "decode_gemm, qkv_rope, fused, small_linear, sampling)")
+    p.add_argument("--json", action="store_true", help="one JSON list on stdout (tests/test_triton_kernels.py)")
+    args = p.parse_args()
+    chosen = [s for s in specs() if args.only is None or s.family in args.only.split(",")]
+    if args.json:
         print(json.dumps([{"family": s.family, "label": s.label, **resources(s)} for s in chosen]))
         return
     print(f"Triton {triton.__version__}, {os.path.basename(ptxas_path())}, sm_90a")
