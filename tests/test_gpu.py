@@ -98,7 +98,7 @@ def _check_graph_step_against_eager(path, prompts, max_num_seqs: int, graph_size
     n = len(prompts)
     cfg = EngineConfig(model=path, dtype="bfloat16", max_model_len=256, max_num_seqs=max_num_seqs).finalize()
     runner = ModelRunner(cfg.to_worker_config("none"), ParallelContext(0, 1), torch.device("cuda", 0))
-    runner.allocate_kv_cache(4 * n + 4)
+    runner.allocate_kv_cache(max(64, 4 * n + 4))
     assert graph_size in runner.graphs
     if on_runner is not None:
         on_runner(runner)
