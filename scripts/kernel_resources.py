@@ -47,22 +47,23 @@ class Spec(NamedTuple):
     num_stages: int = 3
 
 
-def _gemm(label: str, config: dg.GemmConfig, silu: bool, split_out: bool) -> Spec:
-    out = "*fp32" if split_out else "*bf16"
-    return Spec("decode_gemm", label, dg._decode_gemm_kernel,
+def _gemm(label: str, m: int, n: int, k: int, silu: bool = False, split: bool = False) -> Spec:
+    """decode_gemm at the config choose_config picks for these shapes (``split``: the row-parallel
+    projections at TP 1, whose consumer takes split-K partial sums)."""
+    config = dg.config_for_shape(m, n, k, 2, SMS, silu_mul=silu, allow_split=split)
+    out = "*fp32" if config.split_k > 1 else "*bf16"
+    return Spec("decode_gemm", f"{label} ({config.block_m}, {config.block_n}, {config.block_k}, "
+                f"split {config.split_k}, {config.stages} stages)", dg._decode_gemm_kernel,
                 {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": out},
-                dict(HAS_BIAS=False, SILU_MUL=silu, SPLIT_OUT=split_out, BLOCK_M=config.block_m,
+                dict(HAS_BIAS=False, SILU_MUL=silu, SPLIT_OUT=config.split_k > 1, BLOCK_M=config.block_m,
                      BLOCK_N=config.block_n, BLOCK_K=config.block_k, STAGES=config.stages, PRECISION="tf32",
-                     PDL=True, PREFETCH=False), config.warps, config.stages)
-
-
-def _stages(rows_a_stage: int, block_k: int) -> int:
-    return dg.pipeline_stages(rows_a_stage * block_k * 2)
+                     PDL=True), config.warps, config.stages)
 
 
 def specs() -> list:
-    """The kernels and configs compiled: those decode_gemm.choose_config, _decode_config, _prefill_config,
-    small_linear._config and the fused/sampling wrappers pick for Qwen3-0.6B."""
+    """The kernels and configs compiled: what decode_gemm's and triton_attention's config functions and
+    small_linear._config pick for Qwen3-0.6B; the fused and sampling kernels at their wrappers' launch
+    settings (block sizes and warps written out here as those wrappers compute them)."""
     attn_ptrs = {"Q": "*bf16", "KCache": "*bf16", "VCache": "*bf16", "BlockTables": "*i32", "ContextLens": "*i32",
                  "Out": "*bf16", "OWs": "*fp32", "LseWs": "*fp32", "CuSeqlensQ": "*i32", "SeqIds": "*i32"}
     out = []
@@ -84,20 +85,17 @@ def specs() -> list:
     out.append(Spec("store_kvcache", "K/V cache store", ta._store_kvcache_kernel,
                     {"Key": "*bf16", "Value": "*bf16", "KCache": "*bf16", "VCache": "*bf16", "SlotMapping": "*i64"},
                     dict(NUM_HEADS=HKV, HEAD_DIM=D, BLOCK_H=HKV, BLOCK_D=D, stride_kd=1, stride_vd=1), 4))
-    # decode_gemm at 64 rows (choose_config): o / down split over K, gate/up + SiLU whole; at 8 rows, q/k/v
-    out.append(_gemm("decode_gemm o_proj, 64 rows, split K", dg.GemmConfig(32, 64, 128, 4, _stages(96, 128), 4),
-                     False, True))
-    out.append(_gemm("decode_gemm gate/up + SiLU, 64 rows", dg.GemmConfig(32, 64, 64, 1, _stages(160, 64), 4),
-                     True, False))
-    out.append(_gemm("decode_gemm 8 rows", dg.GemmConfig(16, 64, 128, 1, _stages(80, 128), 4), False, False))
-    qkv_stages = _stages(D + 16, 128)
+    out.append(_gemm("decode_gemm o_proj, 64 rows", 64, HIDDEN, HQ * D, split=True))
+    out.append(_gemm("decode_gemm gate/up + SiLU, 64 rows", 64, 2 * INTER, HIDDEN, silu=True))
+    out.append(_gemm("decode_gemm q/k/v, 8 rows", 8, (HQ + 2 * HKV) * D, HIDDEN))
+    qkv = dg.qkv_rope_config_for_shape(64, HIDDEN, D, 2)
     out.append(Spec("qkv_rope", "q/k/v projection + norm + rotary + K/V store, 64 rows", dg._qkv_rope_kernel,
                     {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "qw_ptr": "*bf16",
                      "kw_ptr": "*bf16", "cos_sin_ptr": "*bf16", "pos_ptr": "*i64", "kc_ptr": "*bf16",
                      "vc_ptr": "*bf16", "slot_ptr": "*i64"},
-                    dict(NUM_Q=HQ, NUM_KV=HKV, HALF=D // 2, HAS_BIAS=False, HAS_NORM=True, STORE=True, BLOCK_M=16,
-                         BLOCK_K=128, STAGES=qkv_stages, PRECISION="tf32", PDL=True, PREFETCH=False),
-                    4, qkv_stages))
+                    dict(NUM_Q=HQ, NUM_KV=HKV, HALF=D // 2, HAS_BIAS=False, HAS_NORM=True, STORE=True,
+                         BLOCK_M=qkv.block_m, BLOCK_K=qkv.block_k, STAGES=qkv.stages, PRECISION="tf32", PDL=True),
+                    qkv.warps, qkv.stages))
     norm_ptrs = {"x_ptr": "*fp32", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "res_out_ptr": "*bf16"}
     for splits in (0, 4):
         out.append(Spec("fused", f"residual add + RMSNorm, {splits or 'no'} split-K partial sums",
@@ -159,8 +157,9 @@ def resources(spec: Spec) -> dict:
             sig[name] = "i32"
             if name not in unspecialized:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    constexprs = {k: v for k, v in spec.constexprs.items() if k in fn.arg_names}
-    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
+    unknown = set(spec.constexprs) - set(fn.arg_names)
+    assert not unknown, f"{spec.label}: {fn.__name__} has no arguments {sorted(unknown)}"
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=spec.constexprs, attrs=attrs),
                             target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     with tempfile.TemporaryDirectory() as tmp:

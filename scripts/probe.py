@@ -1,6 +1,6 @@
 """GPU only, exploratory: candidate kernels against what the engine runs (the engine does not import this).
 
-    python scripts/probe.py [--json out.json] [--only small,attn,dgemm,qkvrope,prefill,sampler]
+    python scripts/probe.py [--json out.json] [--only small,attn,split1,dgemm,lmhead,qkvrope,prefill,sampler]
 
 - small: workers.kernels.small_linear against cuBLAS at 1-4 rows (and cuBLAS at 8), per Qwen3-0.6B layer GEMM;
 - attn: the decode kernel over splits (1, 2 and the rule's S, S / 2, 2 S) x tile x stages (4 warps) at
@@ -122,7 +122,7 @@ def probe_single_split(bw, results):
                       "  ".join(f"{k} {v * 1e6:6.1f}" for k, v in row.items() if k != "rule") +
                       f"  best/rule {best[0] / row['rule']:.3f}")
                 results["single_split"].append(dict(batch=batch, rule_splits=rule_s, longest=top, spread=spread,
-                                                    **{k: v for k, v in row.items()}))
+                                                    **row))
                 del caches
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional
@@ -143,7 +142,7 @@ class ModelRunner:
         self.prev_index: Dict[int, int] = {}
         self.graphs: Dict[int, List[torch.cuda.CUDAGraph]] = {}
         self.prefill_graphs: Dict[int, tuple] = {}  # tokens -> (graph, its output)
-        # decode size -> (graphs, outputs, fewest sequences that take them), with one KV split
+        # decode size -> (graphs, outputs) of its one-KV-split twin, where it has one
         self.single_split_graphs: Dict[int, tuple] = {}
         seqs, tokens = config.max_num_seqs, config.max_num_batched_tokens
         self.staging = Staging(device, {
@@ -281,26 +280,23 @@ class ModelRunner:
             meta = self.graph_metas[size] = self._graph_meta(size)
             run = functools.partial(self.model, g["input_ids"][:size], g["positions"][:size], meta)
             self.graphs[size], self.graph_outputs[size], pool = self._capture(run, pool, instances=2)
-            min_batch = self._single_split_min_batch(size)
-            if min_batch is not None:
+            if self._has_single_split_twin(size):
                 run = functools.partial(self.model, g["input_ids"][:size], g["positions"][:size],
                                         replace(meta, decode_splits=1))
                 graphs, outputs, pool = self._capture(run, pool, instances=2)
-                self.single_split_graphs[size] = (graphs, outputs, min_batch)
+                self.single_split_graphs[size] = (graphs, outputs)
         torch.cuda.synchronize(dev)
         self._capture_prefill_graphs(pool)
 
-    def _single_split_min_batch(self, size: int) -> Optional[int]:
-        """The fewest sequences that take the one-KV-split twin of the decode graph of ``size`` rows, or None
-        where that graph gets no twin (Triton backend only, triton_attention.has_single_split_variant)."""
+    def _has_single_split_twin(self, size: int) -> bool:
+        """Whether the decode graph of ``size`` rows is also captured with one KV split (Triton backend only,
+        triton_attention.has_single_split_variant)."""
         if self.backend.name != "triton":
-            return None
+            return False
         from workers.kernels.triton_attention import device_sms, has_single_split_variant
         kv_heads = self.model.attention_layers()[0].num_kv_heads  # this rank's
-        if not has_single_split_variant(size, kv_heads, self.max_blocks_per_seq, self.block_size,
-                                        device_sms(self.device)):
-            return None
-        return math.ceil(SINGLE_SPLIT_MIN_ROWS * size)
+        return has_single_split_variant(size, kv_heads, self.max_blocks_per_seq, self.block_size,
+                                        device_sms(self.device))
 
     def _token_buffers(self, rows: int) -> Dict[str, torch.Tensor]:
         """A graph's per-token input buffers (filled by ``_put_token_inputs``); slot -1 = padding."""
@@ -579,11 +575,11 @@ class ModelRunner:
         put(g["block_tables"][:batch, :inp["width"]], self.block_table[inp["rows"], :inp["width"]])
         instance = self.staging.turn  # alternates every step
         graphs, outputs = self.graphs[size], self.graph_outputs[size]
-        if size in self.single_split_graphs and batch >= self.single_split_graphs[size][2]:
+        if size in self.single_split_graphs and batch >= SINGLE_SPLIT_MIN_ROWS * size:
             # one split walks each whole context: only when none is much longer than the mean
             ends = inp["ends"]
             if ends.max() * batch <= SINGLE_SPLIT_MAX_OVER_MEAN * ends.sum():
-                graphs, outputs, _ = self.single_split_graphs[size]
+                graphs, outputs = self.single_split_graphs[size]
         graphs[instance].replay()
         return outputs[instance][:batch]
 

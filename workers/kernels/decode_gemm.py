@@ -132,16 +132,23 @@ def choose_config(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False,
     """The config for x @ weight^T, or None where cuBLAS is the better (or the only) choice.
 
     From the H200 sweep (scripts/probe.py dgemm, docs/kernels.md): 64 features x 128-deep K tiles (64-deep
-    for gate/up + SiLU at 33-64 rows), 5 stages; 16 / 32 / 64 batch rows a tile for up to 16 / 64 / 256 rows; K split (``allow_split``: the caller takes
-    ``SplitSums``) into the most pieces, up to 8, that keep one program per SM at most. Up to 64 rows this
-    beats cuBLAS for every Qwen3-0.6B projection; above, only where the split applies (1024-feature
-    outputs, which cuBLAS covers with 8-16 tiles), so larger batches keep cuBLAS otherwise. (Taking every
-    projection up to 128 rows measured the same in bench.py, 4.97 against 4.99 s; up to 256, slower: 5.08 s.)"""
-    m, k = x.shape
-    n = weight.shape[0]
-    out_n = n // 2 if silu_mul else n
-    if not (_runs(x, weight, MAX_ROWS) and (not silu_mul or n % 2 == 0)):
+    for gate/up + SiLU at 33-64 rows), 5 stages; 16 / 32 / 64 batch rows a tile for up to 16 / 64 / 256
+    rows; K split (``allow_split``: the caller takes ``SplitSums``) into the most pieces, up to 8, that keep
+    one program per SM at most. Up to 64 rows this beats cuBLAS for every Qwen3-0.6B projection; above,
+    only where the split applies (1024-feature outputs, which cuBLAS covers with 8-16 tiles), so larger
+    batches keep cuBLAS otherwise. (Taking every projection up to 128 rows measured the same in bench.py,
+    4.97 against 4.99 s; up to 256, slower: 5.08 s.)"""
+    if not (_runs(x, weight, MAX_ROWS) and (not silu_mul or weight.shape[0] % 2 == 0)):
         return None
+    return config_for_shape(x.shape[0], weight.shape[0], x.shape[1], x.element_size(), device_sms(x.device),
+                            silu_mul, allow_split)
+
+
+def config_for_shape(m: int, n: int, k: int, elem_bytes: int, num_sms: int, silu_mul: bool = False,
+                     allow_split: bool = False) -> Optional[GemmConfig]:
+    """``choose_config``'s choice from the shapes alone, once the tensors qualify (scripts/kernel_resources.py
+    compiles these configs without a GPU)."""
+    out_n = n // 2 if silu_mul else n
     block_m = 16 if m <= 16 else (32 if m <= 64 else 64)
     block_n = next((b for b in (64, 32, 16) if out_n % b == 0), None)
     block_k = _k_tile(k)
@@ -154,11 +161,11 @@ def choose_config(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False,
     tiles = out_n // block_n * triton.cdiv(m, block_m)
     split = 1
     if allow_split and not silu_mul:
-        while split < 8 and tiles * split * 2 <= device_sms(x.device) and k % (split * 2 * block_k) == 0:
+        while split < 8 and tiles * split * 2 <= num_sms and k % (split * 2 * block_k) == 0:
             split *= 2
     if m > 64 and split == 1:
         return None
-    stages = pipeline_stages(((2 if silu_mul else 1) * block_n + block_m) * block_k * x.element_size())
+    stages = pipeline_stages(((2 if silu_mul else 1) * block_n + block_m) * block_k * elem_bytes)
     return GemmConfig(block_m, block_n, block_k, split, stages, 4)
 
 
@@ -272,14 +279,20 @@ def choose_qkv_rope_config(x: torch.Tensor, weight: torch.Tensor, head_dim: int)
     H200 (scripts/probe.py qkvrope, Qwen3-0.6B shapes, µs per layer, unfused -> fused): 6.9 -> 6.4 at 2-8
     rows, 7.4 -> 6.6 at 32, 7.7 -> 7.4 at 64, 8.8 -> 8.1 at 128, but 9.1 -> 9.5 at 192. 16 batch rows a tile
     up to 64 rows (one head x 16 rows a program keeps >= 128 programs busy), 32 above; 128-deep K tiles."""
-    m, k = x.shape
     half = head_dim // 2
-    block_k = _k_tile(k)
     if not (_runs(x, weight, QKV_ROPE_MAX_ROWS) and half >= 16 and (half & (half - 1)) == 0
-            and weight.shape[0] % head_dim == 0 and block_k is not None):
+            and weight.shape[0] % head_dim == 0):
+        return None
+    return qkv_rope_config_for_shape(x.shape[0], x.shape[1], head_dim, x.element_size())
+
+
+def qkv_rope_config_for_shape(m: int, k: int, head_dim: int, elem_bytes: int) -> Optional[QkvRopeConfig]:
+    """``choose_qkv_rope_config``'s choice from the shapes alone, once the tensors qualify."""
+    block_k = _k_tile(k)
+    if block_k is None:
         return None
     block_m = 16 if m <= 64 else 32
-    stages = pipeline_stages((head_dim + block_m) * block_k * x.element_size())
+    stages = pipeline_stages((head_dim + block_m) * block_k * elem_bytes)
     return QkvRopeConfig(block_m, block_k, stages, 4)
 
 

@@ -3,8 +3,9 @@
 ``argmax(logits / T + G)`` with ``G = -log(-log(U))`` draws from ``softmax(logits / T)``; ``U`` comes from
 a counter-based hash of (seed, output position, token id), the same hash as ``workers.sampler``'s torch
 version, so a request's tokens depend only on its own seed and logits. Rows with ``T == 0`` take the plain
-argmax; with no temperatures at all (every row greedy) no noise is computed. Programs stream vocabulary chunks of a row in tiles, then a second tiny kernel picks each row's best
-chunk: the logits are read once and nothing of size [batch, vocab] is written.
+argmax; with no temperatures at all (every row greedy) no noise is computed. Programs stream vocabulary
+chunks of a row in tiles, then a second tiny kernel picks each row's best chunk: the logits are read once
+and nothing of size [batch, vocab] is written.
 """
 
 from __future__ import annotations
