@@ -150,10 +150,6 @@ class RowParallelLinear(nn.Module):
         self.input_offset, self.input_size_per_rank = input_partition
         self.weight = _make_param((output_size, self.input_size_per_rank), dtype, self.load_row)
         self.bias = _make_param((output_size,), dtype, self.load_full) if bias else None
-        # for forward(x, residual): the split-K GEMM's per-tile arrival counts (decode_gemm.tile_counter_count;
-        # zero between calls), allocated once so that CUDA graphs replay them
-        self.register_buffer("tile_counters", torch.zeros(max(1, output_size // 16) * (256 // 16), dtype=torch.int32),
-                             persistent=False)
 
     def load_row(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         param.data.copy_(loaded.narrow(1, self.input_offset, self.input_size_per_rank))
@@ -162,27 +158,11 @@ class RowParallelLinear(nn.Module):
     def load_full(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         param.data.copy_(loaded)
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
-        """x W^T (+ b), reduced over ranks. Given ``residual``, the projection may add its output to it in its
-        epilogue (decode_gemm on one rank, no bias) and return ``decode_gemm.NormInput`` (the new residual
-        stream with its rows' sums of squares, for the next projection's RMSNorm prologue); otherwise it
-        returns the plain output and the caller adds the residual (``fold_residual`` says which, up front)."""
-        if residual is not None and self.fold_residual(x):
-            from workers.kernels import decode_gemm
-            config = decode_gemm.choose_config(x, self.weight, allow_split=True)
-            return decode_gemm.decode_gemm(x, self.weight, config, residual=residual, tile_counters=self.tile_counters)
+    def forward(self, x: torch.Tensor):
         # Split-K sums only on one rank, where the next RMSNorm adds them up for free; across ranks the
         # all-reduce needs one tensor, so they would cost a reduction kernel first. (The device-side index
         # assert once seen at TP 2 with split sums was the staging race fixed in 2687bdf: docs/kernels.md.)
         return self.reduce(_linear(x, self.weight, allow_split=self.ctx.world_size == 1))
-
-    def fold_residual(self, x: torch.Tensor) -> bool:
-        """Whether ``forward(x, residual)`` adds the residual in the GEMM's epilogue: one rank (no all-reduce
-        between the projection and the add), no bias, and a decode_gemm config for x."""
-        if not (self.ctx.world_size == 1 and self.bias is None and x.is_cuda and x.dim() == 2 and x.shape[0] > 1):
-            return False
-        from workers.kernels import decode_gemm
-        return decode_gemm.choose_config(x, self.weight, allow_split=True) is not None
 
     def reduce(self, partial):
         """This rank's x W^T (however it was computed) -> the layer's output: all-reduce, then the bias.

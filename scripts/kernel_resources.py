@@ -34,7 +34,7 @@ from workers.kernels import fused, sampling, small_linear  # noqa: E402
 from workers.kernels import triton_attention as ta  # noqa: E402
 
 HQ, HKV, D, HIDDEN, INTER, SMS = 16, 8, 128, 1024, 3072, 132
-FLOAT_ARGS = {"qk_scale", "eps", "norm_eps"}
+FLOAT_ARGS = {"qk_scale", "eps"}
 
 
 class Spec(NamedTuple):
@@ -47,21 +47,17 @@ class Spec(NamedTuple):
     num_stages: int = 3
 
 
-def _gemm(label: str, m: int, n: int, k: int, silu: bool = False, split: bool = False,
-          add_residual: bool = False, norm_parts: int = 0) -> Spec:
+def _gemm(label: str, m: int, n: int, k: int, silu: bool = False, split: bool = False) -> Spec:
     """decode_gemm at the config choose_config picks for these shapes (``split``: the row-parallel
-    projections at TP 1, whose consumer takes split-K partial sums; ``add_residual`` / ``norm_parts``: the
-    residual-add epilogue and the RMSNorm prologue of the folded norms)."""
+    projections at TP 1, whose consumer takes split-K partial sums)."""
     config = dg.config_for_shape(m, n, k, 2, SMS, silu_mul=silu, allow_split=split)
     out = "*fp32" if config.split_k > 1 else "*bf16"
     return Spec("decode_gemm", f"{label} ({config.block_m}, {config.block_n}, {config.block_k}, "
                 f"split {config.split_k}, {config.stages} stages)", dg._decode_gemm_kernel,
-                {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": out, "ss_in_ptr": "*fp32",
-                 "g_ptr": "*bf16", "r_ptr": "*bf16", "r_out_ptr": "*bf16", "ss_out_ptr": "*fp32", "cnt_ptr": "*i32"},
-                dict(HAS_BIAS=False, SILU_MUL=silu, SPLITS=config.split_k, NORM_PARTS=norm_parts,
-                     ADD_RESIDUAL=add_residual, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-                     BLOCK_K=config.block_k, STAGES=config.stages, PRECISION="tf32", PDL=True),
-                config.warps, config.stages)
+                {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": out},
+                dict(HAS_BIAS=False, SILU_MUL=silu, SPLIT_OUT=config.split_k > 1, BLOCK_M=config.block_m,
+                     BLOCK_N=config.block_n, BLOCK_K=config.block_k, STAGES=config.stages, PRECISION="tf32",
+                     PDL=True), config.warps, config.stages)
 
 
 def specs() -> list:
@@ -91,19 +87,13 @@ def specs() -> list:
                     dict(NUM_HEADS=HKV, HEAD_DIM=D, BLOCK_H=HKV, BLOCK_D=D, stride_kd=1, stride_vd=1), 4))
     out.append(_gemm("decode_gemm o_proj, 64 rows", 64, HIDDEN, HQ * D, split=True))
     out.append(_gemm("decode_gemm gate/up + SiLU, 64 rows", 64, 2 * INTER, HIDDEN, silu=True))
-    # the folded norms: o_proj / down_proj adding to the residual stream, gate/up normalizing it
-    norm_parts = HIDDEN // dg.config_for_shape(64, HIDDEN, HQ * D, 2, SMS, allow_split=True).block_n
-    out.append(_gemm("decode_gemm o_proj + residual, 64 rows", 64, HIDDEN, HQ * D, split=True, add_residual=True))
-    out.append(_gemm("decode_gemm down + residual, 8 rows", 8, HIDDEN, INTER, split=True, add_residual=True))
-    out.append(_gemm("decode_gemm RMSNorm + gate/up + SiLU, 64 rows", 64, 2 * INTER, HIDDEN, silu=True,
-                     norm_parts=norm_parts))
     out.append(_gemm("decode_gemm q/k/v, 8 rows", 8, (HQ + 2 * HKV) * D, HIDDEN))
     qkv = dg.qkv_rope_config_for_shape(64, HIDDEN, D, 2)
-    out.append(Spec("qkv_rope", "RMSNorm + q/k/v projection + q/k norm + rotary + K/V store, 64 rows", dg._qkv_rope_kernel,
+    out.append(Spec("qkv_rope", "q/k/v projection + norm + rotary + K/V store, 64 rows", dg._qkv_rope_kernel,
                     {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "qw_ptr": "*bf16",
                      "kw_ptr": "*bf16", "cos_sin_ptr": "*bf16", "pos_ptr": "*i64", "kc_ptr": "*bf16",
-                     "vc_ptr": "*bf16", "slot_ptr": "*i64", "ss_in_ptr": "*fp32", "g_ptr": "*bf16"},
-                    dict(NORM_PARTS=norm_parts, NUM_Q=HQ, NUM_KV=HKV, HALF=D // 2, HAS_BIAS=False, HAS_NORM=True, STORE=True,
+                     "vc_ptr": "*bf16", "slot_ptr": "*i64"},
+                    dict(NUM_Q=HQ, NUM_KV=HKV, HALF=D // 2, HAS_BIAS=False, HAS_NORM=True, STORE=True,
                          BLOCK_M=qkv.block_m, BLOCK_K=qkv.block_k, STAGES=qkv.stages, PRECISION="tf32", PDL=True),
                     qkv.warps, qkv.stages))
     norm_ptrs = {"x_ptr": "*fp32", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "res_out_ptr": "*bf16"}

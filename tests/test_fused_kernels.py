@@ -221,50 +221,6 @@ def test_decode_gemm_chosen_configs_against_float64(m, name):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,split", [(5, 1), (33, 2), (33, 4)])
-def test_decode_gemm_residual_epilogue_and_norm_prologue(dtype, m, split):
-    """A projection that adds its output to the residual stream in its epilogue (the split sums added up by
-    the last split of each tile), then the next projections (plain, gate/up + SiLU, q/k/v + rotary) with
-    that stream's RMSNorm applied in their prologue: against float64 (the norm as ref_rmsnorm), twice in a
-    row, since the split's tile counters must be left zeroed."""
-    from workers.kernels import decode_gemm as dg
-
-    torch.manual_seed(m + split)
-    k, n, eps = 128, 64, 1e-6
-    x = torch.randn(m, k, dtype=dtype, device=DEVICE)
-    w = torch.randn(n, k, dtype=dtype, device=DEVICE) / k ** 0.5
-    r = torch.randn(m, n, dtype=dtype, device=DEVICE)
-    g = torch.rand(n, dtype=dtype, device=DEVICE) + 0.5
-    counters = torch.zeros(dg.tile_counter_count(n), dtype=torch.int32, device=DEVICE)
-    config = dg.GemmConfig(block_m=16, block_n=16, block_k=32, split_k=split, stages=2, warps=4)
-    h_ref = (x.double() @ w.double().T).to(dtype) + r  # the projection rounded as a GEMM writes it, then added
-    normed_ref = ref_rmsnorm(h_ref, g, eps)
-    w_up = torch.randn(2 * 32, n, dtype=dtype, device=DEVICE) / n ** 0.5
-    gate, up = (normed_ref.double() @ w_up.double().T).to(dtype).double().chunk(2, -1)
-    for _ in range(2):
-        out = dg.decode_gemm(x, w, config, residual=r, tile_counters=counters)
-        assert isinstance(out, dg.NormInput) and not torch.count_nonzero(counters)
-        assert close(out.x, h_ref, dtype)
-        assert torch.allclose(out.sumsq_parts.double().sum(0), out.x.double().pow(2).sum(-1), rtol=1e-5)
-        pending = dg.PendingNorm(out, g, eps)
-        one_split = config._replace(split_k=1)
-        assert close(dg.decode_gemm(pending, w_up, one_split), (normed_ref.double() @ w_up.double().T).to(dtype),
-                     dtype)
-        assert close(dg.decode_gemm(pending, w_up, one_split, silu_mul=True),
-                     (gate * torch.sigmoid(gate) * up).to(dtype), dtype)
-        assert close(pending.materialize(), normed_ref, dtype)
-    # q/k/v with rotary: the same kernel on the float64-normed input is the reference (it is tested above)
-    hq, hk, d = 2, 1, 32
-    w_qkv = torch.randn((hq + 2 * hk) * d, n, dtype=dtype, device=DEVICE) / n ** 0.5
-    positions = torch.arange(m, device=DEVICE)
-    angles = rope_angles(64, d)
-    cos_sin = torch.cat([angles.cos(), angles.sin()], -1).float().to(DEVICE)
-    qkv_config = dg.QkvRopeConfig(block_m=16, block_k=32, stages=2, warps=4)
-    fused_qkv = dg.qkv_rope(pending, w_qkv, None, qkv_config, hq, hk, d, positions, cos_sin)
-    assert close(fused_qkv, dg.qkv_rope(normed_ref, w_qkv, None, qkv_config, hq, hk, d, positions, cos_sin), dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
 def test_rmsnorm_adds_up_split_sums(dtype):
     from workers.kernels import decode_gemm as dg
 

@@ -16,7 +16,6 @@ from parallel.distributed import ParallelContext
 from parallel.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
                              VocabParallelEmbedding)
 from workers.layers import Attention, AttentionMetadata, RMSNorm, RotaryEmbedding, SiluAndMul
-from workers.norm_input import NormInput, PendingNorm
 
 # architecture name in config.json -> the switches that differ between them
 ARCHITECTURES = {
@@ -83,26 +82,6 @@ class ModelSpec:
         )
 
 
-def _norm(norm: RMSNorm, hidden, residual):
-    """(norm's input, residual stream) -> (normed input, new residual stream). The input may be a projection's
-    ``NormInput`` (the residual already added): then the norm is left pending, for the next projection's
-    prologue (``PendingNorm``); with no residual yet (the embeddings), the input is the stream."""
-    if isinstance(hidden, NormInput):
-        return PendingNorm(hidden, norm.weight, norm.eps), hidden.x
-    if residual is None:
-        return norm(hidden), hidden
-    return norm(hidden, residual)
-
-
-def _rows_of(x) -> torch.Tensor:
-    """The [M, hidden] tensor behind a layer input (the stream of a ``PendingNorm``)."""
-    return x.source.x if isinstance(x, PendingNorm) else x
-
-
-def _materialized(x) -> torch.Tensor:
-    return x.materialize() if isinstance(x, PendingNorm) else x
-
-
 class DecoderAttention(nn.Module):
     def __init__(self, spec: ModelSpec, ctx: ParallelContext, dtype, backend, max_position: int):
         super().__init__()
@@ -120,29 +99,20 @@ class DecoderAttention(nn.Module):
         self.rotary_emb = RotaryEmbedding(spec.head_dim, max_position, spec.rope_theta, spec.rope_scaling)
         self.attn = Attention(self.num_heads, self.num_kv_heads, spec.head_dim, spec.head_dim ** -0.5, backend)
 
-    def forward(self, positions: torch.Tensor, x, meta: AttentionMetadata, residual: Optional[torch.Tensor] = None):
-        """``x``: the normed input, or a ``PendingNorm`` (the input norm still to apply). With ``residual``
-        the output projection may return the residual stream instead (``RowParallelLinear.forward``)."""
-        if self.takes_norm_prologue(_rows_of(x)):
-            # decode batch sizes: the input norm runs in the q/k/v projection's prologue; q/k norms, rotary
-            # and the K/V cache write in its epilogue
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if x.is_cuda and self.attn.k_cache is not None:
+            # decode batch sizes: q/k norms, rotary and the K/V cache write run in the projection's epilogue
             from workers.kernels import decode_gemm
             proj = self.qkv_proj
-            config = decode_gemm.choose_qkv_rope_config(_rows_of(x), proj.weight, self.head_dim)
-            qkv = decode_gemm.qkv_rope(
-                x, proj.weight, proj.bias, config, self.num_heads, self.num_kv_heads, self.head_dim, positions,
-                self.rotary_emb.cos_sin, *self._qk_norm_args(), self.attn.k_cache, self.attn.v_cache,
-                meta.slot_mapping)
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            return self.o_proj(self.attn(q, k, v, meta, kv_stored=True), residual)
-        return self.attend(positions, self.qkv_proj(_materialized(x)), meta, residual)
-
-    def takes_norm_prologue(self, x: torch.Tensor) -> bool:
-        """Whether forward runs ``qkv_rope`` for an input shaped like x (so a ``PendingNorm`` costs nothing)."""
-        if not (x.is_cuda and self.attn.k_cache is not None):
-            return False
-        from workers.kernels import decode_gemm
-        return decode_gemm.choose_qkv_rope_config(x, self.qkv_proj.weight, self.head_dim) is not None
+            config = decode_gemm.choose_qkv_rope_config(x, proj.weight, self.head_dim)
+            if config is not None:
+                qkv = decode_gemm.qkv_rope(
+                    x, proj.weight, proj.bias, config, self.num_heads, self.num_kv_heads, self.head_dim, positions,
+                    self.rotary_emb.cos_sin, *self._qk_norm_args(), self.attn.k_cache, self.attn.v_cache,
+                    meta.slot_mapping)
+                q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+                return self.o_proj(self.attn(q, k, v, meta, kv_stored=True))
+        return self.attend(positions, self.qkv_proj(x), meta)
 
     def _qk_norm_args(self) -> tuple:
         """(q_norm weight, k_norm weight, eps) for the fused kernels; (None, None, 0.0) without q/k norms."""
@@ -150,8 +120,7 @@ class DecoderAttention(nn.Module):
             return None, None, 0.0
         return self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
 
-    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata,
-               residual: Optional[torch.Tensor] = None):
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Everything after the q/k/v projection: norms, rotary, the cache write, attention, o_proj."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
@@ -163,11 +132,11 @@ class DecoderAttention(nn.Module):
             v = v.view(-1, self.num_kv_heads, self.head_dim)
             qk_norm_rope(q, k, positions, self.rotary_emb.cos_sin, *self._qk_norm_args(),
                          v=v, k_cache=self.attn.k_cache, v_cache=self.attn.v_cache, slot_mapping=meta.slot_mapping)
-            return self.o_proj(self.attn(q, k, v, meta, kv_stored=True), residual)
+            return self.o_proj(self.attn(q, k, v, meta, kv_stored=True))
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, meta), residual)
+        return self.o_proj(self.attn(q, k, v, meta))
 
 
 class DecoderMLP(nn.Module):
@@ -179,25 +148,14 @@ class DecoderMLP(nn.Module):
                                            dtype=dtype)
         self.act_fn = SiluAndMul()
 
-    def forward(self, x, residual: Optional[torch.Tensor] = None):
-        """``x``: the normed input, or a ``PendingNorm``. With ``residual`` the down projection may return the
-        residual stream instead (``RowParallelLinear.forward``)."""
-        if self.takes_norm_prologue(_rows_of(x)):
-            # at decode batch sizes the post-attention norm runs in the gate/up projection's prologue and the
-            # SiLU-and-mul in its epilogue
+    def forward(self, x: torch.Tensor):
+        if x.is_cuda:  # at decode batch sizes the SiLU-and-mul runs inside the gate/up projection
             from workers.kernels import decode_gemm
             gate_up = self.gate_up_proj
-            config = decode_gemm.choose_config(_rows_of(x), gate_up.weight, silu_mul=True)
-            return self.down_proj(decode_gemm.decode_gemm(x, gate_up.weight, config, gate_up.bias, silu_mul=True),
-                                  residual)
-        return self.down_proj(self.act_fn(self.gate_up_proj(_materialized(x))), residual)
-
-    def takes_norm_prologue(self, x: torch.Tensor) -> bool:
-        """Whether forward runs the gate/up decode_gemm for an input shaped like x."""
-        if not x.is_cuda:
-            return False
-        from workers.kernels import decode_gemm
-        return decode_gemm.choose_config(x, self.gate_up_proj.weight, silu_mul=True) is not None
+            config = decode_gemm.choose_config(x, gate_up.weight, silu_mul=True)
+            if config is not None:
+                return self.down_proj(decode_gemm.decode_gemm(x, gate_up.weight, config, gate_up.bias, silu_mul=True))
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -210,20 +168,16 @@ class DecoderLayer(nn.Module):
 
     def forward(self, positions, hidden, residual, meta):
         """(hidden, residual) -> the same for the next layer. On CUDA ``hidden`` between layers may be the
-        down projection's split-K partial sums, which the next RMSNorm adds up, or a ``NormInput``: the
-        residual already added (by the down projection's epilogue), the norm left to the next projection.
-
-        Folded norms (CUDA, one rank, decode batch sizes, where both projections that follow a norm take it
-        as their prologue): o_proj and down_proj add their output to the residual stream in their epilogue,
-        and q/k/v and gate/up normalize their input tiles as they load them, 2 kernels a layer fewer."""
+        down projection's split-K partial sums, which the next RMSNorm adds up."""
         if positions.is_cuda and positions.shape[0] == 1 and self._one_row_kernels_fit(hidden):
             return self._forward_one_row(positions, hidden, residual, meta)
-        hidden, residual = _norm(self.input_layernorm, hidden, residual)
-        fold = self.self_attn.takes_norm_prologue(residual) and self.mlp.takes_norm_prologue(residual)
-        hidden = self.self_attn(positions, hidden, meta, residual if fold else None)
-        hidden, residual = _norm(self.post_attention_layernorm, hidden, residual)
-        hidden = self.mlp(hidden, residual if fold else None)
-        return hidden, hidden.x if isinstance(hidden, NormInput) else residual
+        if residual is None:
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
     def _one_row_kernels_fit(self, hidden: torch.Tensor) -> bool:
         from workers.kernels.small_linear import supports, weight_fits
@@ -257,8 +211,8 @@ class DecoderModel(nn.Module):
         hidden, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, meta)
-        hidden, _ = _norm(self.norm, hidden, residual)
-        return _materialized(hidden)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
 
 
 class CausalLM(nn.Module):

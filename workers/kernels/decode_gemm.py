@@ -24,43 +24,11 @@ import triton.language as tl
 from workers.kernels import pdl
 from workers.kernels.pdl import enter as pdl_enter
 from workers.kernels.triton_attention import device_sms
-from workers.norm_input import NormInput, PendingNorm
-
-
-@triton.jit
-def _norm_prologue_rstd(ss_ptr, offs_m, M, K, eps, PARTS: tl.constexpr):
-    """1 / RMS of rows offs_m, from their sums of squares in PARTS per-tile pieces [PARTS, M] (NormInput)."""
-    ss = tl.zeros(offs_m.shape, tl.float32)
-    for p in tl.static_range(PARTS):
-        ss += tl.load(ss_ptr + p * M + offs_m, mask=offs_m < M, other=0.0)
-    return tl.rsqrt(ss / K + eps)
-
-
-@triton.jit
-def _norm_prologue_apply(x, rstd, g_ptr, offs_k):
-    """An x tile [BLOCK_K, BLOCK_M] of the residual stream -> its RMSNorm, rounded exactly like
-    fused.rmsnorm: the normalized value in the model dtype, then times the norm weight."""
-    return (x.to(tl.float32) * rstd[None, :]).to(x.dtype) * tl.load(g_ptr + offs_k)[:, None]
-
-
-@triton.jit
-def _add_residual_epilogue(total, r_ptr, r_out_ptr, ss_out_ptr, offs_n, offs_m, pid_n, M, stride_rm):
-    """The projection's float32 result [BLOCK_N, BLOCK_M] -> the residual stream: rounded to the model dtype,
-    plus the old residual (rounded, as ``y + residual`` in torch), written to r_out; this tile's part of
-    the rows' sums of squares goes to row pid_n of ss_out [tiles, M] for the next projection's norm."""
-    mask = (offs_m[None, :] < M) & (offs_n[:, None] >= 0)
-    offs = offs_m[None, :].to(tl.int64) * stride_rm + offs_n[:, None]
-    h = total.to(r_ptr.dtype.element_ty) + tl.load(r_ptr + offs, mask=mask, other=0.0)
-    tl.store(r_out_ptr + offs, h, mask=mask)
-    hf = h.to(tl.float32)
-    tl.store(ss_out_ptr + pid_n * M + offs_m, tl.sum(hf * hf, axis=0), mask=offs_m < M)
 
 
 @triton.jit
 def _decode_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, K_PER_SPLIT, HALF_N, stride_xm, stride_wn, stride_ys,
-                        stride_ym, ss_in_ptr, g_ptr, eps, r_ptr, r_out_ptr, ss_out_ptr, cnt_ptr,
-                        HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, SPLITS: tl.constexpr,
-                        NORM_PARTS: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
+                        stride_ym, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, SPLIT_OUT: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         STAGES: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
     pdl_enter(PDL)
@@ -73,15 +41,11 @@ def _decode_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, K_PER_SPLIT, HALF_N, stri
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
     x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + offs_k[:, None]
     x_mask = offs_m[None, :] < M
-    if NORM_PARTS > 0:  # x is the residual stream; its RMSNorm is applied here (one split: whole rows)
-        rstd = _norm_prologue_rstd(ss_in_ptr, offs_m, M, K_PER_SPLIT, eps, NORM_PARTS)
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)  # SILU_MUL only (unused otherwise: eliminated)
     up_offset = HALF_N.to(tl.int64) * stride_wn
     for k0 in tl.range(0, K_PER_SPLIT, BLOCK_K, num_stages=STAGES):
         x = tl.load(x_ptrs + k0, mask=x_mask, other=0.0)
-        if NORM_PARTS > 0:
-            x = _norm_prologue_apply(x, rstd, g_ptr, offs_k + k0)
         acc = tl.dot(tl.load(w_ptrs + k0), x, acc, input_precision=PRECISION)
         if SILU_MUL:
             acc_up = tl.dot(tl.load(w_ptrs + up_offset + k0), x, acc_up, input_precision=PRECISION)
@@ -91,23 +55,7 @@ def _decode_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, K_PER_SPLIT, HALF_N, stri
         if SILU_MUL:
             acc_up += tl.load(b_ptr + HALF_N + offs_n).to(tl.float32)[:, None] * first
     y_ptrs = y_ptr + pid_s * stride_ys + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
-    if ADD_RESIDUAL:
-        if SPLITS > 1:
-            # every split stores its partial sums; the last of the tile's splits to arrive adds them up (in
-            # split order, so the result does not depend on who came last) and resets the tile's counter
-            tl.store(y_ptrs, acc, mask=x_mask)
-            tl.debug_barrier()  # all of this program's stores issued before the release below
-            tile = pid_m * tl.num_programs(0) + pid_n
-            if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == SPLITS - 1:
-                total = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-                for s in tl.static_range(SPLITS):
-                    total += tl.load(y_ptrs + (s - pid_s) * stride_ys, mask=x_mask, other=0.0,
-                                     cache_modifier=".cg")
-                tl.store(cnt_ptr + tile, 0)
-                _add_residual_epilogue(total, r_ptr, r_out_ptr, ss_out_ptr, offs_n, offs_m, pid_n, M, stride_ym)
-        else:
-            _add_residual_epilogue(acc, r_ptr, r_out_ptr, ss_out_ptr, offs_n, offs_m, pid_n, M, stride_ym)
-    elif SPLITS > 1:
+    if SPLIT_OUT:
         tl.store(y_ptrs, acc, mask=x_mask)
     elif SILU_MUL:
         # round both halves to the model dtype first, as the unfused projection + silu_and_mul would
@@ -139,62 +87,30 @@ def tiles(config: GemmConfig, m: int, n: int, k: int) -> bool:
             and config.block_m >= 16 and config.block_n >= 16 and config.block_k >= 16)
 
 
-def tile_counter_count(n: int) -> int:
-    """Size of the int32 counters ``decode_gemm(..., residual=)`` needs for an [*, n] output: one per
-    (16-feature, 16-row) tile up to MAX_ROWS rows. They must be zero before a call and are zero after it
-    (the kernel resets what it used), so one buffer, allocated zeroed, serves every call."""
-    return max(1, n // 16) * (MAX_ROWS // 16)
-
-
-def decode_gemm(x, weight: torch.Tensor, config: GemmConfig, bias: Optional[torch.Tensor] = None,
-                silu_mul: bool = False, residual: Optional[torch.Tensor] = None,
-                tile_counters: Optional[torch.Tensor] = None):
+def decode_gemm(x: torch.Tensor, weight: torch.Tensor, config: GemmConfig, bias: Optional[torch.Tensor] = None,
+                silu_mul: bool = False):
     """x [M, K] @ weight [N, K]^T (+ bias). With ``silu_mul`` the weight is [gate | up] (N = 2 I) and the
     result is silu(gate) * up [M, I]. With ``config.split_k > 1`` returns ``SplitSums`` (not with
-    silu_mul), else the [M, N] tensor in x's dtype.
-
-    ``x`` may be a ``PendingNorm`` (one split only): the norm is applied to each x tile as it is loaded.
-    With ``residual`` [M, N] (no bias, no silu_mul) the result is added to it in the epilogue and the return
-    is ``NormInput(x W^T + residual, its rows' sums of squares)``; with split K the last split of each tile
-    to finish adds the splits up, counted in ``tile_counters`` (see ``tile_counter_count``)."""
-    norm = x if isinstance(x, PendingNorm) else None
-    if norm is not None:
-        x = norm.source.x
+    silu_mul), else the [M, N] tensor in x's dtype."""
     m, k = x.shape
     n = weight.shape[0]
     out_n = n // 2 if silu_mul else n
     assert x.stride(1) == 1 and weight.stride(1) == 1 and weight.shape[1] == k
     assert tiles(config, m, out_n, k) and not (silu_mul and config.split_k > 1)
-    assert norm is None or (config.split_k == 1 and norm.source.sumsq_parts.shape[1] == m)
     split = config.split_k > 1
-    has_res = residual is not None
-    if has_res:
-        assert bias is None and not silu_mul and residual.shape == (m, n) and residual.is_contiguous()
-        assert tile_counters.numel() >= n // config.block_n * triton.cdiv(m, config.block_m)
-        r_out = torch.empty_like(residual)
-        sumsq = torch.empty(n // config.block_n, m, dtype=torch.float32, device=x.device)
     if split:
         y = torch.empty(config.split_k, m, out_n, dtype=torch.float32, device=x.device)
-    elif has_res:
-        y = r_out  # (not written: the epilogue writes r_out; the row stride is the same)
     else:
         y = torch.empty(m, out_n, dtype=x.dtype, device=x.device)
     grid = (out_n // config.block_n, config.split_k, triton.cdiv(m, config.block_m))
     use_pdl = pdl.enabled(x.device, "gemm")
-    unused = y  # pointer arguments of the features not in use
     _decode_gemm_kernel[grid](
         x, weight, bias if bias is not None else weight, y, m, k // config.split_k, out_n, x.stride(0),
         weight.stride(0), y.stride(0) if split else 0, y.stride(-2),
-        norm.source.sumsq_parts if norm else unused, norm.weight if norm else weight, norm.eps if norm else 0.0,
-        residual if has_res else unused, r_out if has_res else unused, sumsq if has_res else unused,
-        tile_counters if has_res else unused,
-        HAS_BIAS=bias is not None, SILU_MUL=silu_mul, SPLITS=config.split_k,
-        NORM_PARTS=norm.source.sumsq_parts.shape[0] if norm else 0, ADD_RESIDUAL=has_res,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, STAGES=config.stages,
+        HAS_BIAS=bias is not None, SILU_MUL=silu_mul, SPLIT_OUT=split, BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, STAGES=config.stages,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=use_pdl, num_warps=config.warps,
         launch_pdl=use_pdl)
-    if has_res:
-        return NormInput(r_out, sumsq)
     return SplitSums(y, x.dtype) if split else y
 
 
@@ -277,14 +193,13 @@ def pipeline_stages(bytes_per_stage: int) -> int:
 @triton.jit
 def _qkv_rope_kernel(x_ptr, w_ptr, b_ptr, y_ptr, qw_ptr, kw_ptr, cos_sin_ptr, pos_ptr, kc_ptr, vc_ptr, slot_ptr,
                      M, K, stride_xm, stride_wn, stride_ym, stride_cs, stride_c_slot, stride_c_h, eps,
-                     ss_in_ptr, g_ptr, norm_eps, NORM_PARTS: tl.constexpr, NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HALF: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HALF: tl.constexpr, HAS_BIAS: tl.constexpr,
                      HAS_NORM: tl.constexpr, STORE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                      STAGES: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
     """One program: one head's 2 * HALF output features for BLOCK_M rows, as two [HALF, BLOCK_M] halves (the
     pair rotary mixes). q and k heads then get their RMSNorm and rotary, with the rounding points of
     fused.qk_norm_rope after a plain projection; every head is written to y, and with STORE the k and v heads
-    also into the paged caches at the rows' slots (slot < 0: padding, not written). With NORM_PARTS > 0, x
-    is the residual stream and the layer's input RMSNorm is applied to its tiles first (PendingNorm)."""
+    also into the paged caches at the rows' slots (slot < 0: padding, not written)."""
     pdl_enter(PDL)
     head = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -296,14 +211,10 @@ def _qkv_rope_kernel(x_ptr, w_ptr, b_ptr, y_ptr, qw_ptr, kw_ptr, cos_sin_ptr, po
     w1_ptrs = w_ptr + feat[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
     w2_ptrs = w1_ptrs + HALF * stride_wn
     x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + offs_k[:, None]
-    if NORM_PARTS > 0:
-        rstd = _norm_prologue_rstd(ss_in_ptr, offs_m, M, K, norm_eps, NORM_PARTS)
     acc1 = tl.zeros([HALF, BLOCK_M], tl.float32)
     acc2 = tl.zeros([HALF, BLOCK_M], tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         x = tl.load(x_ptrs + k0, mask=m_mask[None, :], other=0.0)
-        if NORM_PARTS > 0:
-            x = _norm_prologue_apply(x, rstd, g_ptr, offs_k + k0)
         acc1 = tl.dot(tl.load(w1_ptrs + k0), x, acc1, input_precision=PRECISION)
         acc2 = tl.dot(tl.load(w2_ptrs + k0), x, acc2, input_precision=PRECISION)
     if HAS_BIAS:
@@ -385,7 +296,7 @@ def qkv_rope_config_for_shape(m: int, k: int, head_dim: int, elem_bytes: int) ->
     return QkvRopeConfig(block_m, block_k, stages, 4)
 
 
-def qkv_rope(x, weight: torch.Tensor, bias: Optional[torch.Tensor], config: QkvRopeConfig,
+def qkv_rope(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], config: QkvRopeConfig,
              num_heads: int, num_kv_heads: int, head_dim: int, positions: torch.Tensor, cos_sin: torch.Tensor,
              q_weight: Optional[torch.Tensor] = None, k_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
              k_cache: Optional[torch.Tensor] = None, v_cache: Optional[torch.Tensor] = None,
@@ -393,16 +304,11 @@ def qkv_rope(x, weight: torch.Tensor, bias: Optional[torch.Tensor], config: QkvR
     """x [M, K] @ weight^T (+ bias) = [q | k | v] [M, (Hq + 2 Hk) * D], with q and k already normed (when
     the weights are given) and rotated at ``positions`` by the neox-style ``cos_sin`` table [pos, D] (cos |
     sin); given the paged caches [blocks, block_size, Hk, D] and slot_mapping [M], the rotated k and the v
-    also go into the caches. What ``qkv_proj`` + ``fused.qk_norm_rope(..., k_cache=...)`` do, in one kernel.
-    ``x`` may be a ``PendingNorm`` (the layer's input norm, applied to the x tiles as they are loaded)."""
-    norm = x if isinstance(x, PendingNorm) else None
-    if norm is not None:
-        x = norm.source.x
+    also go into the caches. What ``qkv_proj`` + ``fused.qk_norm_rope(..., k_cache=...)`` do, in one kernel."""
     m, k = x.shape
     heads = num_heads + 2 * num_kv_heads
     assert weight.shape == (heads * head_dim, k) and x.stride(1) == 1 and weight.stride(1) == 1
     assert k % config.block_k == 0 and positions.shape == (m,)
-    assert norm is None or norm.source.sumsq_parts.shape[1] == m
     store = k_cache is not None
     if store:
         assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[2:] == (num_kv_heads, head_dim)
@@ -415,8 +321,7 @@ def qkv_rope(x, weight: torch.Tensor, bias: Optional[torch.Tensor], config: QkvR
         k_weight if has_norm else weight, cos_sin, positions, k_cache if store else y, v_cache if store else y,
         slot_mapping if store else positions, m, k, x.stride(0), weight.stride(0), y.stride(0), cos_sin.stride(0),
         k_cache.stride(-3) if store else 0, k_cache.stride(-2) if store else 0, eps,
-        norm.source.sumsq_parts if norm else y, norm.weight if norm else weight, norm.eps if norm else 0.0,
-        NORM_PARTS=norm.source.sumsq_parts.shape[0] if norm else 0, NUM_Q=num_heads, NUM_KV=num_kv_heads, HALF=head_dim // 2, HAS_BIAS=bias is not None, HAS_NORM=has_norm,
+        NUM_Q=num_heads, NUM_KV=num_kv_heads, HALF=head_dim // 2, HAS_BIAS=bias is not None, HAS_NORM=has_norm,
         STORE=store, BLOCK_M=config.block_m, BLOCK_K=config.block_k, STAGES=config.stages,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=use_pdl, num_warps=config.warps,
         launch_pdl=use_pdl)
