@@ -209,13 +209,6 @@ class ParallelLMHead(VocabParallelEmbedding):
     """The output projection split by vocabulary rows; full logits are gathered on rank 0 only."""
 
     def forward(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:
-        logits = None
-        if hidden.is_cuda and hidden.dim() == 2:  # 2-64 rows: decode_gemm reads the weight faster than cuBLAS
-            from workers.kernels import decode_gemm
-            config = decode_gemm.choose_lm_head_config(hidden, self.weight)
-            if config is not None:
-                logits = decode_gemm.decode_gemm(hidden, self.weight, config)
-        if logits is None:
-            logits = F.linear(hidden, self.weight)
+        logits = F.linear(hidden, self.weight)
         logits = self.ctx.gather_last_dim(logits)
         return None if logits is None else logits[..., :self.num_embeddings]

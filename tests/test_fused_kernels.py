@@ -220,22 +220,6 @@ def test_decode_gemm_chosen_configs_against_float64(m, name):
     assert close(y, ref.to(torch.bfloat16), torch.bfloat16)
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="choose_lm_head_config picks a kernel config on CUDA only")
-@pytest.mark.parametrize("m", [1, 2, 16, 17, 33, 64, 65])
-def test_lm_head_configs_against_float64(m):
-    """The LM head's decode_gemm configs (2-64 rows; None, i.e. cuBLAS, outside) compute x W^T."""
-    from workers.kernels import decode_gemm as dg
-
-    torch.manual_seed(m)
-    x = torch.randn(m, 1024, dtype=torch.bfloat16, device=DEVICE)
-    w = torch.randn(32000, 1024, dtype=torch.bfloat16, device=DEVICE) / 32
-    config = dg.choose_lm_head_config(x, w)
-    assert (config is None) == (m == 1 or m > dg.LM_HEAD_MAX_ROWS)
-    if config is not None:
-        ref = (x.double() @ w.double().T).to(torch.bfloat16)
-        assert close(dg.decode_gemm(x, w, config), ref, torch.bfloat16)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rmsnorm_adds_up_split_sums(dtype):
     from workers.kernels import decode_gemm as dg

@@ -124,21 +124,3 @@ def test_triton_kernel_without_noise_is_argmax(batch):
     assert expected[0] == 123 and (batch == 1 or expected[-1] == 999)
     got = gumbel_argmax(logits.to(device), None, None, None)
     assert torch.equal(got.cpu(), expected)
-
-
-@pytest.mark.parametrize("batch", [3, 40])
-def test_all_greedy_sample_is_argmax(batch):
-    """sample() on an all-greedy batch: torch.argmax below GREEDY_KERNEL_MIN_ROWS rows, the noise-free kernel
-    from there on CUDA; either way the float64 argmax, a tie going to the lowest token id."""
-    from workers.sampler import GREEDY_KERNEL_MIN_ROWS
-
-    assert 3 < GREEDY_KERNEL_MIN_ROWS <= 40
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(batch)
-    logits = torch.randn(batch, 5000, dtype=torch.float16)
-    logits[1, 4000] = logits[1, 17] = 30.0  # a tie: 17
-    expected = logits.double().argmax(dim=-1)
-    assert expected[1] == 17
-    greedy = SamplingBatch(None, None, None, None, None, None, all_greedy=True, use_top_k=False, use_top_p=False,
-                           use_min_p=False)
-    assert torch.equal(sample(logits.to(device), greedy).cpu(), expected)

@@ -27,7 +27,7 @@ from parallel.protocol import ProtocolError, SamplingFields, StepPlan, StepResul
 from workers.layers import AttentionMetadata, TorchAttentionBackend
 from workers.loader import init_dummy_weights, load_weights
 from workers.models import CausalLM, ModelSpec
-from workers.sampler import GREEDY_KERNEL_MIN_ROWS, SamplingBatch, sample
+from workers.sampler import SamplingBatch, sample
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 GRAPH_RESERVE_BYTES = 512 << 20  # kept free for CUDA graphs and allocator slack when sizing the KV cache
@@ -256,14 +256,8 @@ class ModelRunner:
         # The LM head runs outside the decode graphs with one row per sampling sequence: let cuBLAS pick
         # (and the driver load) its kernel for every row count now rather than on first use mid-run.
         hidden = torch.zeros(self.config.max_num_seqs, self.spec.hidden_size, dtype=self.dtype, device=self.device)
-        # (2-64 rows: workers.kernels.decode_gemm, whose variants compile here). All-greedy steps from
-        # GREEDY_KERNEL_MIN_ROWS rows take the sampling kernel without noise: compiled here too.
-        greedy = SamplingBatch(None, None, None, None, None, None, all_greedy=True, use_top_k=False,
-                               use_top_p=False, use_min_p=False)
         for rows in range(1, self.config.max_num_seqs + 1):
-            logits = self.model.compute_logits(hidden[:rows])
-            if rows == GREEDY_KERNEL_MIN_ROWS and logits is not None:
-                sample(logits, greedy)
+            self.model.compute_logits(hidden[:rows])
         torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()

@@ -86,13 +86,6 @@ def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor
     return logits - batch.presence_penalties[:, None] * seen.to(logits.dtype)
 
 
-# All-greedy steps of at least this many rows take the noise-free sampling kernel instead of torch.argmax:
-# H200 (scripts/probe.py sampler, bf16 x 151,936) 23.7 -> 17.5 us at 64 rows, 33.4 -> 26.7 at 128, 54.7 ->
-# 46.4 at 256. Below, the step is host-bound and its two launches cost more host time than argmax's one
-# (batch-1 TPOT 0.95 -> 1.03 ms when it ran at every size, docs/kernels.md).
-GREEDY_KERNEL_MIN_ROWS = 32
-
-
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """[B, V] logits (any float dtype) -> [B] token ids."""
     if batch.repetition_penalties is not None or batch.banned:
@@ -102,9 +95,6 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         for row, ids in batch.banned or ():
             logits[row, ids] = float("-inf")
     if batch.all_greedy:
-        if logits.is_cuda and logits.shape[0] >= GREEDY_KERNEL_MIN_ROWS:
-            from workers.kernels.sampling import gumbel_argmax
-            return gumbel_argmax(logits, None, None, None)  # the sampling kernel without noise
         return logits.argmax(dim=-1)
     if batch.use_top_k or batch.use_top_p or batch.use_min_p:
         logits = _truncate(logits.float(), batch)  # removed tokens become -inf, which no noise can lift

@@ -144,23 +144,6 @@ def choose_config(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False,
                             silu_mul, allow_split)
 
 
-# Most rows the LM head runs here; at 64 rows it is 2 % faster than cuBLAS, above cuBLAS's tiles catch up
-LM_HEAD_MAX_ROWS = 64
-
-
-def choose_lm_head_config(x: torch.Tensor, weight: torch.Tensor) -> Optional[GemmConfig]:
-    """The config for the LM head (a [vocab, hidden] weight, no split) at 2-64 rows, or None (cuBLAS).
-
-    H200 (scripts/probe.py lmhead, Qwen3-0.6B's 151,936 x 1024, us; reading the weight once: 73.5): cuBLAS
-    86.9 / 79.0 / 81.8 / 85.8 at 8 / 16 / 32 / 64 rows; here 73.8 (16 rows a tile, 64 features x 128-deep K
-    tiles, 3 stages) / 75.7 (the same) / 77.4 (32 rows a tile) / 83.7 (64 rows a tile, 64-deep K, 5 stages)."""
-    if not _runs(x, weight, LM_HEAD_MAX_ROWS):
-        return None
-    m, k = x.shape
-    config = (GemmConfig(64, 64, 64, 1, 5, 4) if m > 32 else GemmConfig(16 if m <= 16 else 32, 64, 128, 1, 3, 4))
-    return config if tiles(config, m, weight.shape[0], k) else None
-
-
 def config_for_shape(m: int, n: int, k: int, elem_bytes: int, num_sms: int, silu_mul: bool = False,
                      allow_split: bool = False) -> Optional[GemmConfig]:
     """``choose_config``'s choice from the shapes alone, once the tensors qualify (scripts/kernel_resources.py
