@@ -8,7 +8,7 @@
 # largest idle gaps (by the device events around them);
 # `profile-latency` does the same over batch-1 decode steps of bench_latency.py (PROFILE_BATCH, PROFILE_STEPS),
 # `profile-prefill` over bench.py's first prefill steps. `probe` runs scripts/probe.py (PROBE_ARGS), `pytest`
-# pytest with PYTEST_ARGS (default tests/test_gpu.py).
+# pytest with PYTEST_ARGS (default tests/test_gpu.py; shell quoting in it is kept, e.g. -k 'a or b').
 # `fa3` (not in `all`) runs the flash-attn tests and scripts/attention_yardstick.py (Triton vs FlashAttention-3).
 # `ab` (not in `all`) times this tree against an older one in the same call, interleaved: make it first on
 # the CPU machine with `bash scripts/gpu_session.sh ab-tree COMMIT` (writes ./ab_dir, untracked, so the device
