@@ -101,7 +101,7 @@ def probe_single_split(bw, results):
     max_blocks = 4096 // BLOCK
     print("\n== one KV split vs the rule's (us/layer), by batch and longest context L")
     # 112 and 128: one split is already the rule there; the row "rule" is its 128-token tiles, against which
-    # the 64-token ones run (docs/kernels.md predicts them faster at 7-8 programs per SM)
+    # the 64-token ones run (predicted faster at 7-8 programs per SM; measured, they were not: docs/kernels.md)
     batches = [int(b) for b in os.environ.get("PROBE_BATCHES", "16,32,48,64,80,96,112,128").split(",")]
     for batch in batches:
         rule_s = ta.choose_num_splits(batch, HKV, max_blocks, BLOCK, device_sms(dev))

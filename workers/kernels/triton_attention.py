@@ -365,8 +365,10 @@ def _decode_config(num_splits: int, block_d: int, elem_bytes: int, programs: int
     2026-12-01). The programs resident per SM explain it: four with 64-token tiles, three with 128-token
     ones (124 / 137 registers a thread with Triton 3.6, 38.5 / 72.5 KB of shared memory:
     scripts/kernel_resources.py), so 3-4 programs per SM run in one wave of the 64-token tiles, while at
-    384, 640 and 768 programs the 128-token tiles fill their waves better. Short per-split loops, float32
-    caches and head dims above 128 keep the smaller tiles (and fit in shared memory)."""
+    384, 640 and 768 programs the 128-token tiles fill their waves better. (That reading also predicted the
+    64-token tiles faster at 7-8 programs per SM, batch 112-128; measured, they were not, so it is no general
+    rule: docs/kernels.md, "Split sizing".) Short per-split loops, float32 caches and head dims above 128 keep
+    the smaller tiles (and fit in shared memory)."""
     if block_d > 128:
         return 32, 4, 2
     if num_splits == 1 and elem_bytes <= 2:
