@@ -304,3 +304,79 @@ def test_qkv_rope_config_declines_what_it_cannot_run():
         assert dg.choose_qkv_rope_config(torch.empty(1, 128, device=DEVICE), w.to(DEVICE), 64) is None
         assert dg.choose_qkv_rope_config(torch.empty(dg.QKV_ROPE_MAX_ROWS + 1, 128, device=DEVICE), w.to(DEVICE), 64) is None
         assert dg.choose_qkv_rope_config(torch.empty(8, 128, device=DEVICE), w.to(DEVICE)[:, :100], 64) is None
+
+
+def ref_mlp_block(attn, w_o, o, r, ln_w, w_gu, w_d, dtype):
+    """float64 reference of the decode MLP block, rounded to dtype where the unfused path rounds: o_proj's
+    output, the residual sum, the norm, gate and up; the down projection unrounded (float32 partial sums)."""
+    if attn is not None:
+        o = (attn.double() @ w_o.double().T).to(dtype)
+    res = o + r
+    xn = ref_rmsnorm(res, ln_w, 1e-6)
+    gate, up = (xn.double() @ w_gu.double().T).to(dtype).double().chunk(2, -1)
+    h = (gate * torch.sigmoid(gate)).to(dtype).double() * up
+    return h.to(dtype).double() @ w_d.double().T, res
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_o", [False, True])
+@pytest.mark.parametrize("m,programs,phases", [(5, 3, 1), (20, 5, 1), (5, 1, 4), (20, 1, 4)])
+def test_mlp_block_against_float64(dtype, with_o, m, programs, phases):
+    """The persistent MLP block (o_proj, add+RMSNorm, gate/up + SiLU, down) against float64. On CPU its
+    phases run as separate launches over several programs (the work-item loops), or all in one launch with
+    one program (the grid barrier with nobody to wait for, and the weights prefetched before it)."""
+    from workers.kernels import decode_gemm as dg
+    from workers.kernels import mlp_block as mb
+
+    torch.manual_seed(m + programs)
+    hidden, inter, attn_dim = 64, 128, 128
+    attn = torch.randn(m, attn_dim, dtype=dtype, device=DEVICE)
+    w_o = torch.randn(hidden, attn_dim, dtype=dtype, device=DEVICE) / attn_dim ** 0.5
+    # o given as split sums: multiples of 1/16 so that the float32 partial sums are exact
+    o_parts = torch.randint(-64, 64, (2, m, hidden), device=DEVICE).float() / 16
+    o = o_parts.double().sum(0).to(dtype)
+    r = torch.randn(m, hidden, dtype=dtype, device=DEVICE)
+    ln_w = torch.rand(hidden, dtype=dtype, device=DEVICE) + 0.5
+    w_gu = torch.randn(2 * inter, hidden, dtype=dtype, device=DEVICE) / hidden ** 0.5
+    w_d = torch.randn(hidden, inter, dtype=dtype, device=DEVICE) / inter ** 0.5
+    config = mb.MlpBlockConfig(block_m=16, block_n=32, block_k=32, gu_block_n=32, gu_block_k=32, o_split=2,
+                               d_split=2, stages=2, prefetch=True)
+    sync = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    ref_down, ref_res = ref_mlp_block(attn if with_o else None, w_o, o, r, ln_w, w_gu, w_d, dtype)
+    for _ in range(2):  # the barrier's buffer is reusable
+        down, res = mb.mlp_block(attn if with_o else None, None if with_o else dg.SplitSums(o_parts, dtype), r,
+                                 ln_w, 1e-6, w_o if with_o else None, w_gu, w_d, config, sync, programs, phases)
+        assert isinstance(down, dg.SplitSums) and down.parts.shape == (2, m, hidden)
+        assert close(res, ref_res, dtype)
+        assert close(dg.reduce_splits(down), ref_down.to(dtype), dtype)
+    assert sync[0].item() == 0  # every barrier left its arrival counter at zero
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="all programs of the grid at once, meeting at real grid barriers")
+@pytest.mark.parametrize("with_o", [False, True])
+@pytest.mark.parametrize("m", [3, 64])
+def test_mlp_block_real_size_against_float64(with_o, m):
+    """Qwen3-0.6B's MLP block at the engine's config, one program per SM, every phase in one launch."""
+    from workers.kernels import decode_gemm as dg
+    from workers.kernels import mlp_block as mb
+    from workers.kernels.triton_attention import device_sms
+
+    torch.manual_seed(m)
+    dtype, hidden, inter, attn_dim = torch.bfloat16, 1024, 3072, 2048
+    attn = torch.randn(m, attn_dim, dtype=dtype, device=DEVICE)
+    w_o = torch.randn(hidden, attn_dim, dtype=dtype, device=DEVICE) / attn_dim ** 0.5
+    o_parts = torch.randint(-64, 64, (4, m, hidden), device=DEVICE).float() / 16
+    o = o_parts.double().sum(0).to(dtype)
+    r = torch.randn(m, hidden, dtype=dtype, device=DEVICE)
+    ln_w = torch.rand(hidden, dtype=dtype, device=DEVICE) + 0.5
+    w_gu = torch.randn(2 * inter, hidden, dtype=dtype, device=DEVICE) / hidden ** 0.5
+    w_d = torch.randn(hidden, inter, dtype=dtype, device=DEVICE) / inter ** 0.5
+    config = mb.default_config(m, hidden, inter, attn_dim, 2)
+    sync = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    ref_down, ref_res = ref_mlp_block(attn if with_o else None, w_o, o, r, ln_w, w_gu, w_d, dtype)
+    for _ in range(3):
+        down, res = mb.mlp_block(attn if with_o else None, None if with_o else dg.SplitSums(o_parts, dtype), r,
+                                 ln_w, 1e-6, w_o if with_o else None, w_gu, w_d, config, sync, device_sms(r.device))
+        assert close(res, ref_res, dtype)
+        assert close(dg.reduce_splits(down), ref_down.to(dtype), dtype)
+    assert sync[0].item() == 0
