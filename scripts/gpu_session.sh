@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: GPU tests, then the benchmarks. Usage (from the repo root, on the device):
 #   bash scripts/gpu_session.sh [tests|bench|bench-fa3|bench-tp2|profile|profile-latency|profile-prefill|cprofile|
-#                                cprofile-latency|sweep|probe|decode-step|fa3|latency|pytest|ab|all]
+#                                cprofile-latency|sweep|probe|decode-step|fa3|latency|pytest|ab|env-ab|all]
 # BENCH_ARGS (e.g. "--attention-backend triton") go to bench.py and bench_latency.py; SWEEP_ARGS to kernel_sweep.py....
 # Writes logs and JSON under $OUT (or ./gpu_out). `profile` runs bench.py with the worker's torch-profiler
 # window (steps 300-330, NANOVLLM_PROFILE_DIR) and prints the device busy/idle share of that window and its
@@ -13,7 +13,8 @@
 # `ab` (not in `all`) times this tree against an older one in the same call, interleaved: make it first on
 # the CPU machine with `bash scripts/gpu_session.sh ab-tree COMMIT` (writes ./ab_dir, untracked, so the device
 # copy carries it; delete it afterwards), then AB_CMD (default: bench_latency.py --batch-sizes 1,64
-# --repeats 3) runs AB_ROUNDS times (default 2) on each side, new then old.
+# --repeats 3) runs AB_ROUNDS times (default 2) on each side, new then old. `env-ab` (not in `all`): this tree's
+# AB_CMD once under each NAME=VALUE of AB_ENVS (e.g. "NANOVLLM_MLP_BLOCK=0 NANOVLLM_MLP_BLOCK=1"), AB_ROUNDS times.
 set -uo pipefail
 if [ "${1:-}" = ab-tree ]; then  # on the CPU machine, not the device: the older tree for `ab`
   [ -n "${2:-}" ] || { echo "usage: bash scripts/gpu_session.sh ab-tree COMMIT" >&2; exit 2; }
@@ -66,6 +67,11 @@ for what in "${@:-all}"; do
             echo "== old (round $round)"; (cd ab_dir && PYTHONPATH=$PWD:$SITE_PATH python3 ${AB_CMD:-bench_latency.py --batch-sizes 1,64 --repeats 3} 2>&1 | tail -${AB_TAIL:-4})
           done 2>&1 | tee "$OUT/ab.log"
         fi ;;&
+    env-ab) for round in $(seq "${AB_ROUNDS:-2}"); do  # one tree, AB_CMD under each of AB_ENVS (space-separated NAME=VALUE)
+          for setting in ${AB_ENVS:?env-ab needs AB_ENVS, e.g. NANOVLLM_PDL=0 NANOVLLM_PDL=1}; do
+            echo "== $setting (round $round)"; env "$setting" python3 ${AB_CMD:-bench_latency.py --batch-sizes 1,64 --repeats 3} 2>&1 | tail -${AB_TAIL:-4}
+          done
+        done 2>&1 | tee "$OUT/env_ab.log" ;;&
     latency|all) python3 bench_latency.py ${BENCH_ARGS:-} --json "$OUT/latency.json" 2>&1 | tee "$OUT/latency.log" ;;
   esac
 done
