@@ -345,10 +345,6 @@ def probe_mlp_block(bw, results):
     ln = torch.rand(HIDDEN, device=dev, dtype=torch.bfloat16) + 0.5
     sync = torch.zeros(2, dtype=torch.int32, device=dev)
     bytes_o, bytes_rest = w_o[0].numel() * 2, (w_gu[0].numel() + w_d[0].numel()) * 2
-    t_bar = {n: graph_time(lambda i, n=n: mb.barrier_loop(sync, n, sms)) for n in (1, 9)}
-    print(f"grid barrier: {(t_bar[9] - t_bar[1]) / 8 * 1e6:.2f} us each ({sms} programs; a launch with one: "
-          f"{t_bar[1] * 1e6:.2f} us)")
-    results["mlp_block"].append(dict(barrier_s=(t_bar[9] - t_bar[1]) / 8, launch_one_barrier_s=t_bar[1]))
     for m in [int(r) for r in os.environ.get("PROBE_ROWS", "8,16,32,64").split(",")]:
         attn = torch.randn(m, HQ * D, device=dev, dtype=torch.bfloat16)
         res = torch.randn(m, HIDDEN, device=dev, dtype=torch.bfloat16)
@@ -368,8 +364,11 @@ def probe_mlp_block(bw, results):
                                 w_o[i] if with_o else None, w_gu[i], w_d[i], cfg, sync, sms)
 
         base = mb.default_config(m, HIDDEN, INTER, HQ * D, 2)
-        variants = [base, base._replace(prefetch=False), base._replace(stages=4),
-                    base._replace(stages=4, prefetch=False), base._replace(o_split=8)]
+        variants = [base, base._replace(prefetch=False)]
+        variants += [base._replace(gu_block_n=b) for b in (16, 64) if b != base.gu_block_n]
+        variants += [base._replace(gu_block_k=64), base._replace(stages=2), base._replace(stages=4),
+                     base._replace(d_split=4), base._replace(o_split=8), base._replace(o_split=2)]
+        variants += [base._replace(block_m=b) for b in (16, 32, 64) if b != base.block_m and b <= max(16, m * 2)]
         for with_o in (False, True):
             ref_down, ref_res = chain(0, with_o)
             ref = dg.reduce_splits(ref_down).float()

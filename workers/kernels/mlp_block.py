@@ -12,9 +12,8 @@ all resident at once, runs them as phases:
 
 Between phases every program waits at a grid barrier (an arrival counter and a generation word in a small
 int32 buffer the caller keeps; the barrier leaves the counter at zero, so the buffer serves every call).
-With ``prefetch`` each program loads the first K tile of its next phase's weights between arriving at the
-barrier and waiting there: the weights do not depend on the phase before, so their latency overlaps the
-barrier's. (Loaded before the arrival, the release of the arrival waits for them.)
+With ``prefetch`` each program loads the first K tile of its next phase's weights before it waits: the
+weights do not depend on the phase before, so their latency overlaps the barrier's.
 
 Results are rounded at exactly the points of the unfused path (``fused.rmsnorm``, ``decode_gemm``'s SiLU
 epilogue), so the two agree but for the order of the down projection's partial sums.
@@ -40,40 +39,18 @@ from workers.kernels.triton_attention import device_sms
 
 
 @triton.jit
-def _barrier_arrive(sync_ptr, nprog):
-    """First half of a grid barrier: this program's writes so far are released to the grid. Returns the
-    generation to wait past (-1: this was the last arrival, which opened the barrier). sync_ptr[0] counts
-    arrivals (the last one resets it), sync_ptr[1] is the generation the last one bumps."""
+def _grid_barrier(sync_ptr, nprog):
+    """All programs of the grid meet here: writes before it are visible to every program after it.
+    sync_ptr[0] counts arrivals (the last arrival resets it), sync_ptr[1] is the generation it bumps."""
     tl.debug_barrier()  # every thread's stores issued before this program's release below
     gen = tl.atomic_add(sync_ptr + 1, 0, sem="relaxed")
     if tl.atomic_add(sync_ptr, 1, sem="acq_rel") == nprog - 1:
         tl.atomic_xchg(sync_ptr, 0, sem="relaxed")
         tl.atomic_add(sync_ptr + 1, 1, sem="release")
-        gen = -1
-    return gen
-
-
-@triton.jit
-def _barrier_wait(sync_ptr, gen):
-    """Second half: wait until every program has arrived (their writes are then visible here). Loads issued
-    between the two halves (the next phase's weights) are not held back by the release in the first."""
-    if gen >= 0:
+    else:
         while tl.atomic_add(sync_ptr + 1, 0, sem="acquire") == gen:
             pass
     tl.debug_barrier()
-
-
-@triton.jit
-def _grid_barrier(sync_ptr, nprog):
-    _barrier_wait(sync_ptr, _barrier_arrive(sync_ptr, nprog))
-
-
-@triton.jit
-def _barrier_loop_kernel(sync_ptr, n):
-    """n grid barriers back to back (scripts/probe.py: what one costs)."""
-    nprog = tl.num_programs(0)
-    for _ in range(n):
-        _grid_barrier(sync_ptr, nprog)
 
 
 @triton.jit
@@ -203,7 +180,6 @@ def _mlp_block_kernel(attn_ptr, wo_ptr, o_ptr, res_ptr, ln_ptr, res_out_ptr, xn_
             add_rmsnorm_row(o_ptr, res_ptr, ln_ptr, xn_ptr, res_out_ptr, row, HIDDEN, HIDDEN, M * HIDDEN,
                             HIDDEN, HIDDEN, HIDDEN, eps, True, O_SPLIT, BLOCK_H, FIRST_PHASE == 0)
         if LAST_PHASE > 1:
-            gen = _barrier_arrive(sync_ptr, nprog)
             w0 = gu_dummy
             wu0 = gu_dummy
             if PREFETCH:
@@ -211,7 +187,7 @@ def _mlp_block_kernel(attn_ptr, wo_ptr, o_ptr, res_ptr, ln_ptr, res_out_ptr, xn_
                 w0 = _weight_tile(wgu_ptr, HIDDEN, (tw % gu_tiles) * GU_BLOCK_N, 0, GU_BLOCK_N, GU_BLOCK_K)
                 wu0 = _weight_tile(wgu_ptr, HIDDEN, INTER + (tw % gu_tiles) * GU_BLOCK_N, 0, GU_BLOCK_N,
                                    GU_BLOCK_K)
-            _barrier_wait(sync_ptr, gen)
+            _grid_barrier(sync_ptr, nprog)
 
     if FIRST_PHASE <= 2 and LAST_PHASE >= 2:
         if FIRST_PHASE == 2:
@@ -227,12 +203,11 @@ def _mlp_block_kernel(attn_ptr, wo_ptr, o_ptr, res_ptr, ln_ptr, res_out_ptr, xn_
             _gate_up_item(t, xn_ptr, HIDDEN, wgu_ptr, HIDDEN, h_ptr, INTER, M, HIDDEN, INTER, gu_tiles, w0, wu0,
                           False, BLOCK_M, GU_BLOCK_N, GU_BLOCK_K, STAGES, PRECISION)
         if LAST_PHASE > 2:
-            gen = _barrier_arrive(sync_ptr, nprog)
             w0 = dummy
             if PREFETCH:
                 w0 = _split_k_first_weights(pid, wd_ptr, INTER, h_tiles, D_SPLIT, D_PER_SPLIT, d_items,
                                             BLOCK_N, BLOCK_K)
-            _barrier_wait(sync_ptr, gen)
+            _grid_barrier(sync_ptr, nprog)
 
     if LAST_PHASE >= 3:
         if FIRST_PHASE == 3:
@@ -342,8 +317,3 @@ def engine_choice(x: torch.Tensor, o_proj, kv_bound: bool, w_gate_up: torch.Tens
     if config is None:
         return None
     return config, mode == "o", device_sms(x.device)
-
-
-def barrier_loop(sync: torch.Tensor, n: int, num_programs: int) -> None:
-    """``n`` grid barriers in one launch of ``num_programs`` programs (to time them)."""
-    _barrier_loop_kernel[(num_programs,)](sync, n)
