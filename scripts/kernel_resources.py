@@ -30,7 +30,7 @@ from triton.compiler import ASTSource  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from workers.kernels import decode_gemm as dg  # noqa: E402
-from workers.kernels import fused, mlp_block, sampling, small_linear  # noqa: E402
+from workers.kernels import fused, sampling, small_linear  # noqa: E402
 from workers.kernels import triton_attention as ta  # noqa: E402
 
 HQ, HKV, D, HIDDEN, INTER, SMS = 16, 8, 128, 1024, 3072, 132
@@ -96,20 +96,6 @@ def specs() -> list:
                     dict(NUM_Q=HQ, NUM_KV=HKV, HALF=D // 2, HAS_BIAS=False, HAS_NORM=True, STORE=True,
                          BLOCK_M=qkv.block_m, BLOCK_K=qkv.block_k, STAGES=qkv.stages, PRECISION="tf32", PDL=True),
                     qkv.warps, qkv.stages))
-    mlp = mlp_block.default_config(64, HIDDEN, INTER, HQ * D, 2)
-    for first in (0, 1):  # with o_proj as its first phase, and from the norm on
-        out.append(Spec("mlp_block", f"persistent MLP block, phases {first}-3, 64 rows ({mlp.block_m}, "
-                        f"{mlp.block_n}, {mlp.block_k}, gate/up {mlp.gu_block_n}x{mlp.gu_block_k}, prefetch)",
-                        mlp_block._mlp_block_kernel,
-                        {"attn_ptr": "*bf16", "wo_ptr": "*bf16", "o_ptr": "*fp32", "res_ptr": "*bf16",
-                         "ln_ptr": "*bf16", "res_out_ptr": "*bf16", "xn_ptr": "*bf16", "wgu_ptr": "*bf16",
-                         "h_ptr": "*bf16", "wd_ptr": "*bf16", "out_ptr": "*fp32", "sync_ptr": "*i32"},
-                        dict(HIDDEN=HIDDEN, INTER=INTER, ATTN_DIM=HQ * D if first == 0 else HIDDEN,
-                             O_SPLIT=mlp.o_split, O_PER_SPLIT=(HQ * D if first == 0 else HIDDEN) // mlp.o_split,
-                             D_SPLIT=mlp.d_split, D_PER_SPLIT=INTER // mlp.d_split, BLOCK_M=mlp.block_m,
-                             BLOCK_N=mlp.block_n, BLOCK_K=mlp.block_k, GU_BLOCK_N=mlp.gu_block_n,
-                             GU_BLOCK_K=mlp.gu_block_k, STAGES=mlp.stages, BLOCK_H=HIDDEN, FIRST_PHASE=first,
-                             LAST_PHASE=3, PREFETCH=True, PRECISION="tf32", PDL=True), 4, mlp.stages))
     norm_ptrs = {"x_ptr": "*fp32", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "res_out_ptr": "*bf16"}
     for splits in (0, 4):
         out.append(Spec("fused", f"residual add + RMSNorm, {splits or 'no'} split-K partial sums",
@@ -194,7 +180,7 @@ def main():
     import argparse
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", help="comma-separated families (decode_attention, prefill_attention, store_kvcache, "
-                                  "decode_gemm, qkv_rope, mlp_block, fused, small_linear, sampling)")
+                                  "decode_gemm, qkv_rope, fused, small_linear, sampling)")
     p.add_argument("--json", action="store_true", help="one JSON list on stdout (tests/test_triton_kernels.py)")
     args = p.parse_args()
     chosen = [s for s in specs() if args.only is None or s.family in args.only.split(",")]

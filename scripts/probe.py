@@ -1,6 +1,6 @@
 """GPU only, exploratory: candidate kernels against what the engine runs (the engine does not import this).
 
-    python scripts/probe.py [--json out.json] [--only small,attn,split1,dgemm,lmhead,qkvrope,mlpblock,prefill,sampler]
+    python scripts/probe.py [--json out.json] [--only small,attn,split1,dgemm,lmhead,qkvrope,prefill,sampler]
 
 - small: workers.kernels.small_linear against cuBLAS at 1-4 rows (and cuBLAS at 8), per Qwen3-0.6B layer GEMM;
 - attn: the decode kernel over splits (1, 2 and the rule's S, S / 2, 2 S) x tile x stages (4 warps) at
@@ -11,10 +11,6 @@
 - dgemm: workers.kernels.decode_gemm (block sizes x split-K x stages) against cuBLAS at 8-256 rows, with the
   following RMSNorm where the output is the hidden size (the consumer of the split-K partial sums);
 - lmhead: the LM head at 8-64 rows, cuBLAS against decode_gemm's tiles;
-- mlpblock: workers.kernels.mlp_block (the decode MLP block as one persistent kernel, grid barriers between
-  its phases; with o_proj as its first phase or from o_proj's output on) against the kernels the model runs
-  (o_proj's decode_gemm, add+RMSNorm, gate/up + SiLU, down), at PROBE_ROWS (default 8,16,32,64), its default
-  config and one knob changed at a time;
 - prefill: the Triton prefill attention over BLOCK_M x BLOCK_N x warps x stages at one of bench.py's prefill
   steps (prompts U[100, 1024] up to 16,384 tokens, no cached prefix), in causal TFLOP/s;
 - qkvrope: decode_gemm.qkv_rope (the q/k/v projection with q/k norm, rotary and the K/V cache write fused)
@@ -331,78 +327,15 @@ def probe_qkv_rope(bw, results):
                                         fused=[(t, c) for t, c in timed]))
 
 
-def probe_mlp_block(bw, results):
-    """The persistent MLP block against the model's kernels, per layer, with and without o_proj."""
-    from workers.kernels import decode_gemm as dg
-    from workers.kernels import mlp_block as mb
-    from workers.kernels.fused import rmsnorm
-    dev = torch.device("cuda")
-    sms = device_sms(dev)
-    print(f"\n== decode MLP block per layer (us), 28 distinct weights per graph, {sms} programs")
-    w_o = [torch.randn(HIDDEN, HQ * D, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(LAYERS)]
-    w_gu = [torch.randn(2 * INTER, HIDDEN, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(LAYERS)]
-    w_d = [torch.randn(HIDDEN, INTER, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(LAYERS)]
-    ln = torch.rand(HIDDEN, device=dev, dtype=torch.bfloat16) + 0.5
-    sync = torch.zeros(2, dtype=torch.int32, device=dev)
-    bytes_o, bytes_rest = w_o[0].numel() * 2, (w_gu[0].numel() + w_d[0].numel()) * 2
-    for m in [int(r) for r in os.environ.get("PROBE_ROWS", "8,16,32,64").split(",")]:
-        attn = torch.randn(m, HQ * D, device=dev, dtype=torch.bfloat16)
-        res = torch.randn(m, HIDDEN, device=dev, dtype=torch.bfloat16)
-        cfg_o = dg.choose_config(attn, w_o[0], allow_split=True)
-        cfg_gu = dg.choose_config(res, w_gu[0], silu_mul=True)
-        h0 = torch.empty(m, INTER, device=dev, dtype=torch.bfloat16)
-        cfg_d = dg.choose_config(h0, w_d[0], allow_split=True)
-        o_sums = dg.decode_gemm(attn, w_o[0], cfg_o)
-
-        def chain(i, with_o):
-            o = dg.decode_gemm(attn, w_o[i], cfg_o) if with_o else o_sums
-            xn, r = rmsnorm(o, ln, 1e-6, res)
-            return dg.decode_gemm(dg.decode_gemm(xn, w_gu[i], cfg_gu, silu_mul=True), w_d[i], cfg_d), r
-
-        def block(i, cfg, with_o):
-            return mb.mlp_block(attn if with_o else None, None if with_o else o_sums, res, ln, 1e-6,
-                                w_o[i] if with_o else None, w_gu[i], w_d[i], cfg, sync, sms)
-
-        base = mb.default_config(m, HIDDEN, INTER, HQ * D, 2)
-        variants = [base, base._replace(prefetch=False)]
-        variants += [base._replace(gu_block_n=b) for b in (16, 64) if b != base.gu_block_n]
-        variants += [base._replace(gu_block_k=64), base._replace(stages=2), base._replace(stages=4),
-                     base._replace(d_split=4), base._replace(o_split=8), base._replace(o_split=2)]
-        variants += [base._replace(block_m=b) for b in (16, 32, 64) if b != base.block_m and b <= max(16, m * 2)]
-        for with_o in (False, True):
-            ref_down, ref_res = chain(0, with_o)
-            ref = dg.reduce_splits(ref_down).float()
-            t_chain = graph_time(lambda i: chain(i, with_o))
-            floor = (bytes_rest + (bytes_o if with_o else 0)) / bw
-            timed = []
-            for cfg in variants:
-                try:
-                    down, r = block(0, cfg, with_o)
-                    torch.cuda.synchronize()
-                    err = (dg.reduce_splits(down).float() - ref).abs().max().item() / (ref.abs().max().item() + 1e-6)
-                    res_err = (r.float() - ref_res.float()).abs().max().item()
-                    if err > 2e-2 or (res_err > 0.05 if with_o else res_err > 0):  # o's sums: same or other splits
-                        print(f"   m={m} {tuple(cfg)}: wrong (rel {err:.2e}, residual off by {res_err:.2e})")
-                        continue
-                    timed.append((graph_time(lambda i: block(i, cfg, with_o)), cfg))
-                except Exception as e:  # noqa: BLE001
-                    print(f"   m={m} {tuple(cfg)}: {type(e).__name__} {str(e)[:100]}")
-            label = "o_proj..down" if with_o else "norm..down  "
-            print(f"M={m:>3} {label}: kernels {t_chain * 1e6:5.1f}  floor {floor * 1e6:4.1f}  persistent: "
-                  + "; ".join(f"{t * 1e6:5.1f} {tuple(c)}" for t, c in timed), flush=True)
-            results["mlp_block"].append(dict(m=m, with_o=with_o, kernels=t_chain, floor=floor,
-                                             persistent=[(t, tuple(c)) for t, c in timed]))
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--json")
-    p.add_argument("--only", default="small,attn,dgemm,qkvrope")  # also split1, lmhead, mlpblock, prefill, sampler
+    p.add_argument("--only", default="small,attn,dgemm,qkvrope")  # also split1, lmhead, prefill, sampler
     args = p.parse_args()
     bw = measure_copy_bandwidth()
     print(f"copy bandwidth {bw / 1e9:,.0f} GB/s")
     results = {"copy_bandwidth": bw, "attention": [], "decode_gemm": [], "small_linear": [], "qkv_rope": [], "prefill": [], "sampler": [],
-               "single_split": [], "lm_head": [], "mlp_block": []}
+               "single_split": [], "lm_head": []}
     parts = args.only.split(",")
     t0 = time.time()
     for part, fn in (("small", lambda: probe_small_linear(bw, results)), ("attn", lambda: probe_attention(bw, results)),
@@ -410,7 +343,6 @@ def main():
                      ("dgemm", lambda: probe_decode_gemm(bw, results)),
                      ("lmhead", lambda: probe_lm_head(bw, results)),
                      ("qkvrope", lambda: probe_qkv_rope(bw, results)),
-                     ("mlpblock", lambda: probe_mlp_block(bw, results)),
                      ("prefill", lambda: probe_prefill(bw, results)),
                      ("sampler", lambda: probe_sampler(bw, results))):
         if part in parts:

@@ -51,19 +51,6 @@ def test_small_batches_match_transformers(tiny_models, arch, eager, tp):
     assert [o.token_ids for o in three] == hf_greedy(path, PROMPTS[1:4], MAX_TOKENS)
 
 
-@pytest.mark.parametrize("mode", ["1", "o"])
-@pytest.mark.parametrize("eager", [True, False], ids=["eager", "graphs"])
-def test_persistent_mlp_block_matches_transformers(tiny_models, monkeypatch, mode, eager):
-    """NANOVLLM_MLP_BLOCK (workers.kernels.mlp_block, off by default): the MLP block of every 2-64-row step
-    (the 3-row decode batch in the 8-row graph, the short prefills) as one persistent kernel, from o_proj's
-    output (1) or with o_proj (o); float32 greedy tokens equal transformers'."""
-    monkeypatch.setenv("NANOVLLM_MLP_BLOCK", mode)  # the workers inherit it
-    path = tiny_models["qwen3-wide"]
-    with LLM(path, dtype="float32", enforce_eager=eager, attention_backend="triton", max_model_len=256) as llm:
-        three = llm.generate(PROMPTS[1:4], GREEDY, use_tqdm=False)
-    assert [o.token_ids for o in three] == hf_greedy(path, PROMPTS[1:4], MAX_TOKENS)
-
-
 def test_chunked_prefill_next_to_decodes_matches_transformers(tiny_models):
     """A 64-token budget: steps carry decode rows next to prefill chunks of 17+ tokens, which the Triton
     backend attends to in two launches (triton_attention.prefill_seq_groups)."""

@@ -99,10 +99,7 @@ class DecoderAttention(nn.Module):
         self.rotary_emb = RotaryEmbedding(spec.head_dim, max_position, spec.rope_theta, spec.rope_scaling)
         self.attn = Attention(self.num_heads, self.num_kv_heads, spec.head_dim, spec.head_dim ** -0.5, backend)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata,
-                project: bool = True) -> torch.Tensor:
-        """The attention block's output; with ``project=False`` the attention output before o_proj (CUDA
-        decode sizes only, where the caller runs o_proj itself: workers.kernels.mlp_block)."""
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if x.is_cuda and self.attn.k_cache is not None:
             # decode batch sizes: q/k norms, rotary and the K/V cache write run in the projection's epilogue
             from workers.kernels import decode_gemm
@@ -114,11 +111,8 @@ class DecoderAttention(nn.Module):
                     self.rotary_emb.cos_sin, *self._qk_norm_args(), self.attn.k_cache, self.attn.v_cache,
                     meta.slot_mapping)
                 q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-                return self._project(self.attn(q, k, v, meta, kv_stored=True), project)
-        return self.attend(positions, self.qkv_proj(x), meta, project)
-
-    def _project(self, out: torch.Tensor, project: bool) -> torch.Tensor:
-        return self.o_proj(out) if project else out
+                return self.o_proj(self.attn(q, k, v, meta, kv_stored=True))
+        return self.attend(positions, self.qkv_proj(x), meta)
 
     def _qk_norm_args(self) -> tuple:
         """(q_norm weight, k_norm weight, eps) for the fused kernels; (None, None, 0.0) without q/k norms."""
@@ -126,10 +120,8 @@ class DecoderAttention(nn.Module):
             return None, None, 0.0
         return self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
 
-    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata,
-               project: bool = True) -> torch.Tensor:
-        """Everything after the q/k/v projection: norms, rotary, the cache write, attention, o_proj (unless
-        ``project`` is False)."""
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Everything after the q/k/v projection: norms, rotary, the cache write, attention, o_proj."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -140,11 +132,11 @@ class DecoderAttention(nn.Module):
             v = v.view(-1, self.num_kv_heads, self.head_dim)
             qk_norm_rope(q, k, positions, self.rotary_emb.cos_sin, *self._qk_norm_args(),
                          v=v, k_cache=self.attn.k_cache, v_cache=self.attn.v_cache, slot_mapping=meta.slot_mapping)
-            return self._project(self.attn(q, k, v, meta, kv_stored=True), project)
+            return self.o_proj(self.attn(q, k, v, meta, kv_stored=True))
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
-        return self._project(self.attn(q, k, v, meta), project)
+        return self.o_proj(self.attn(q, k, v, meta))
 
 
 class DecoderMLP(nn.Module):
@@ -155,9 +147,6 @@ class DecoderMLP(nn.Module):
         self.down_proj = RowParallelLinear(spec.intermediate_size, spec.hidden_size, ctx, bias=spec.mlp_bias,
                                            dtype=dtype)
         self.act_fn = SiluAndMul()
-        self.bias = spec.mlp_bias
-        # the grid barrier's counters of the persistent MLP block kernel (workers.kernels.mlp_block)
-        self.register_buffer("block_sync", torch.zeros(2, dtype=torch.int32), persistent=False)
 
     def forward(self, x: torch.Tensor):
         if x.is_cuda:  # at decode batch sizes the SiLU-and-mul runs inside the gate/up projection
@@ -186,28 +175,9 @@ class DecoderLayer(nn.Module):
             hidden, residual = self.input_layernorm(hidden), hidden
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        block = self._mlp_block_config(hidden)
-        if block is not None:  # o_proj (or from its output on) to the down projection as one kernel
-            with_o = block[1]
-            attn = self.self_attn
-            out = attn(positions, hidden, meta, project=not with_o)
-            norm, mlp = self.post_attention_layernorm, self.mlp
-            from workers.kernels import mlp_block
-            return mlp_block.mlp_block(out if with_o else None, None if with_o else out, residual, norm.weight,
-                                       norm.eps, attn.o_proj.weight if with_o else None, mlp.gate_up_proj.weight,
-                                       mlp.down_proj.weight, block[0], mlp.block_sync, block[2])
         hidden = self.self_attn(positions, hidden, meta)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
-
-    def _mlp_block_config(self, x: torch.Tensor):
-        """(config, with_o, programs) when the persistent MLP block kernel runs this step, else None."""
-        if not x.is_cuda:
-            return None
-        from workers.kernels import mlp_block
-        attn = self.self_attn
-        return mlp_block.engine_choice(x, attn.o_proj, attn.attn.k_cache is not None, self.mlp.gate_up_proj.weight,
-                                       self.mlp.down_proj.weight, self.mlp.bias)
 
     def _one_row_kernels_fit(self, hidden: torch.Tensor) -> bool:
         from workers.kernels.small_linear import supports, weight_fits

@@ -27,16 +27,6 @@ from workers.kernels.triton_attention import device_sms
 
 
 @triton.jit
-def silu_mul_epilogue(gate_acc, up_acc, dtype: tl.constexpr):
-    """silu(gate) * up from float32 accumulators, rounded to ``dtype`` at the points of the unfused path: both
-    halves rounded first (as the projection's output), SiLU in float32 from the rounded gate, rounded, times
-    the rounded up (as ``fused.silu_and_mul``)."""
-    gate = gate_acc.to(dtype).to(tl.float32)
-    silu = (gate / (1.0 + tl.exp(-gate))).to(dtype)
-    return silu * up_acc.to(dtype)
-
-
-@triton.jit
 def _decode_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, K_PER_SPLIT, HALF_N, stride_xm, stride_wn, stride_ys,
                         stride_ym, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, SPLIT_OUT: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -68,7 +58,10 @@ def _decode_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, K_PER_SPLIT, HALF_N, stri
     if SPLIT_OUT:
         tl.store(y_ptrs, acc, mask=x_mask)
     elif SILU_MUL:
-        tl.store(y_ptrs, silu_mul_epilogue(acc, acc_up, y_ptr.dtype.element_ty), mask=x_mask)
+        # round both halves to the model dtype first, as the unfused projection + silu_and_mul would
+        gate = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptrs, silu * acc_up.to(y_ptr.dtype.element_ty), mask=x_mask)
     else:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=x_mask)
 

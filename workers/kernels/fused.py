@@ -19,27 +19,20 @@ from workers.kernels.pdl import enter as pdl_enter
 
 
 @triton.jit
-def add_rmsnorm_row(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, row, n_cols, stride_x, stride_xs, stride_r,
-                    stride_o, stride_ro, eps, HAS_RES: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
-                    CG: tl.constexpr):
-    """One row of (optional residual add +) RMSNorm; x is a row of the model dtype (SPLITS == 0) or of a
-    projection's float32 split-K partial sums [SPLITS, rows, n_cols], added up and rounded once. CG: load x
-    bypassing L1 (x was written by other programs of the same grid, ``mlp_block``)."""
+def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_xs, stride_r, stride_o,
+                        stride_ro, n_cols, eps, HAS_RES: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+                        PDL: tl.constexpr):
+    pdl_enter(PDL)
+    row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     if SPLITS == 0:
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     else:
         # x is a projection's float32 split-K partial sums [SPLITS, rows, n_cols]: add them up and round once
-        if CG:
-            acc = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0, cache_modifier=".cg")
-            for s in tl.static_range(1, SPLITS):
-                acc += tl.load(x_ptr + s * stride_xs + row * stride_x + cols, mask=mask, other=0.0,
-                               cache_modifier=".cg")
-        else:
-            acc = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-            for s in tl.static_range(1, SPLITS):
-                acc += tl.load(x_ptr + s * stride_xs + row * stride_x + cols, mask=mask, other=0.0)
+        acc = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        for s in tl.static_range(1, SPLITS):
+            acc += tl.load(x_ptr + s * stride_xs + row * stride_x + cols, mask=mask, other=0.0)
         x = acc.to(out_ptr.dtype.element_ty)
     if HAS_RES:
         # the sum is rounded to the model dtype first, exactly like ``x + residual`` in torch
@@ -50,15 +43,6 @@ def add_rmsnorm_row(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, row, n_cols, st
     normed = (xf * tl.rsqrt(var + eps)).to(x.dtype)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     tl.store(out_ptr + row * stride_o + cols, normed * w, mask=mask)
-
-
-@triton.jit
-def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_xs, stride_r, stride_o,
-                        stride_ro, n_cols, eps, HAS_RES: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
-                        PDL: tl.constexpr):
-    pdl_enter(PDL)
-    add_rmsnorm_row(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, tl.program_id(0), n_cols, stride_x, stride_xs,
-                    stride_r, stride_o, stride_ro, eps, HAS_RES, SPLITS, BLOCK, False)
 
 
 def rmsnorm(x, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None):
