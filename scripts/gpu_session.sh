@@ -14,7 +14,7 @@
 # the CPU machine with `bash scripts/gpu_session.sh ab-tree COMMIT` (writes ./ab_dir, untracked, so the device
 # copy carries it; delete it afterwards), then AB_CMD (default: bench_latency.py --batch-sizes 1,64
 # --repeats 3) runs AB_ROUNDS times (default 2) on each side, new then old. `env-ab` (not in `all`): this tree's
-# AB_CMD once under each NAME=VALUE of AB_ENVS (e.g. "NANOVLLM_MLP_BLOCK=0 NANOVLLM_MLP_BLOCK=1"), AB_ROUNDS times.
+# AB_CMD once under each NAME=VALUE of AB_ENVS (e.g. "NANOVLLM_PDL=1 NANOVLLM_PDL=-gemm"), AB_ROUNDS times.
 set -uo pipefail
 if [ "${1:-}" = ab-tree ]; then  # on the CPU machine, not the device: the older tree for `ab`
   [ -n "${2:-}" ] || { echo "usage: bash scripts/gpu_session.sh ab-tree COMMIT" >&2; exit 2; }
