@@ -15,7 +15,6 @@ plain projection).
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -186,8 +185,7 @@ def _k_tile(k: int) -> Optional[int]:
 
 def pipeline_stages(bytes_per_stage: int) -> int:
     """How many K tiles deep the pipeline goes: what fits the shared-memory budget, 2 to 5."""
-    budget = int(os.environ.get("NANOVLLM_GEMM_SMEM_KB", "0")) * 1024 or _SMEM_BUDGET  # A/B experiment
-    return max(2, min(5, budget // bytes_per_stage))
+    return max(2, min(5, _SMEM_BUDGET // bytes_per_stage))
 
 
 # ---- q/k/v projection with q/k RMSNorm, rotary and the K/V cache write in its epilogue -------------------
