@@ -121,10 +121,8 @@ def specs() -> list:
                              NUM_STAGES=4), 4))
     sample_ptrs = {"logits_ptr": "*bf16", "temps_ptr": "*fp32", "seeds_ptr": "*i64", "positions_ptr": "*i64",
                    "best_val_ptr": "*fp32", "best_idx_ptr": "*i64", "out_ptr": "*i64"}
-    for noise in (True, False):
-        out.append(Spec("sampling", f"sampler, vocabulary chunks, {'Gumbel noise' if noise else 'greedy'}",
-                        sampling._gumbel_partial_kernel, sample_ptrs,
-                        dict(MAX_CHUNKS=sampling.MAX_CHUNKS, BLOCK=4096, FAST_LOG=True, NOISE=noise, PDL=True), 8))
+    out.append(Spec("sampling", "sampler, vocabulary chunks", sampling._gumbel_partial_kernel, sample_ptrs,
+                    dict(MAX_CHUNKS=sampling.MAX_CHUNKS, BLOCK=4096, FAST_LOG=True, PDL=True), 8))
     out.append(Spec("sampling", "sampler, best chunk", sampling._gumbel_reduce_kernel, sample_ptrs,
                     dict(MAX_CHUNKS=sampling.MAX_CHUNKS, PDL=True), 1))
     return out

@@ -106,21 +106,3 @@ def test_triton_kernel_vocab_chunks_and_ties(batch):
     got = gumbel_argmax(logits.to(device), temps.to(device), seeds.to(device), positions.to(device))
     assert torch.equal(got.cpu(), expected)
 
-
-@pytest.mark.parametrize("batch", [1, 5])
-def test_triton_kernel_without_noise_is_argmax(batch):
-    """Every row greedy (no temperatures): the kernel skips the noise and returns torch.argmax, ties across
-    vocabulary chunks going to the lowest token id."""
-    pytest.importorskip("triton")
-    from workers.kernels.sampling import gumbel_argmax
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(batch + 10)
-    logits = torch.randn(batch, 1000, dtype=torch.float16)
-    logits[0, 123] = logits[0, 950] = 30.0  # a tie in different chunks: 123
-    if batch > 1:
-        logits[-1, 999] = 40.0  # the maximum in the last, partial tile
-    expected = logits.float().argmax(dim=-1)
-    assert expected[0] == 123 and (batch == 1 or expected[-1] == 999)
-    got = gumbel_argmax(logits.to(device), None, None, None)
-    assert torch.equal(got.cpu(), expected)

@@ -3,14 +3,11 @@
 ``argmax(logits / T + G)`` with ``G = -log(-log(U))`` draws from ``softmax(logits / T)``; ``U`` comes from
 a counter-based hash of (seed, output position, token id), the same hash as ``workers.sampler``'s torch
 version, so a request's tokens depend only on its own seed and logits. Rows with ``T == 0`` take the plain
-argmax; with no temperatures at all (every row greedy) no noise is computed. Programs stream vocabulary
-chunks of a row in tiles, then a second tiny kernel picks each row's best chunk: the logits are read once
-and nothing of size [batch, vocab] is written.
+argmax. Programs stream vocabulary chunks of a row in tiles, then a second tiny kernel picks each row's best
+chunk: the logits are read once and nothing of size [batch, vocab] is written.
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import triton
@@ -47,19 +44,17 @@ def _neg_log(x, FAST: tl.constexpr):
 @triton.jit(do_not_specialize=["chunk_len"])
 def _gumbel_partial_kernel(logits_ptr, stride_row, temps_ptr, seeds_ptr, positions_ptr, best_val_ptr, best_idx_ptr,
                            vocab_size, chunk_len, MAX_CHUNKS: tl.constexpr, BLOCK: tl.constexpr,
-                           FAST_LOG: tl.constexpr, NOISE: tl.constexpr, PDL: tl.constexpr):
-    # program (row, c): the best (score, token) of vocabulary chunk c of this row; without NOISE (every row
-    # greedy) the plain logits, and the per-row parameters are not read
+                           FAST_LOG: tl.constexpr, PDL: tl.constexpr):
+    # program (row, c): the best (score, token) of vocabulary chunk c of this row
     pdl_enter(PDL)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
-    if NOISE:
-        temp = tl.load(temps_ptr + row)
-        seed = (tl.load(seeds_ptr + row) & 0xFFFFFFFF).to(tl.uint32)
-        pos = (tl.load(positions_ptr + row) & 0xFFFFFFFF).to(tl.uint32)
-        key = _hash32(_hash32(seed) ^ pos)
-        inv_temp = tl.where(temp > 0, 1.0 / tl.maximum(temp, 1e-30), 1.0)
-        use_noise = temp > 0
+    temp = tl.load(temps_ptr + row)
+    seed = (tl.load(seeds_ptr + row) & 0xFFFFFFFF).to(tl.uint32)
+    pos = (tl.load(positions_ptr + row) & 0xFFFFFFFF).to(tl.uint32)
+    key = _hash32(_hash32(seed) ^ pos)
+    inv_temp = tl.where(temp > 0, 1.0 / tl.maximum(temp, 1e-30), 1.0)
+    use_noise = temp > 0
     first = chunk * chunk_len
     last = tl.minimum(first + chunk_len, vocab_size)
     best_val = float("-inf")
@@ -68,13 +63,10 @@ def _gumbel_partial_kernel(logits_ptr, stride_row, temps_ptr, seeds_ptr, positio
         offs = start + tl.arange(0, BLOCK)
         mask = offs < last
         x = tl.load(logits_ptr + row * stride_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-        if NOISE:
-            bits = _hash32(_hash32(key ^ offs.to(tl.uint32)) ^ key)
-            u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-            gumbel = _neg_log(_neg_log(u, FAST_LOG), FAST_LOG)
-            score = tl.where(use_noise, x * inv_temp + gumbel, x)
-        else:
-            score = x
+        bits = _hash32(_hash32(key ^ offs.to(tl.uint32)) ^ key)
+        u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        gumbel = _neg_log(_neg_log(u, FAST_LOG), FAST_LOG)
+        score = tl.where(use_noise, x * inv_temp + gumbel, x)
         score = tl.where(mask, score, float("-inf"))
         tile_max = tl.max(score, axis=0)
         tile_idx = tl.argmax(score, axis=0) + start
@@ -105,10 +97,9 @@ def num_vocab_chunks(batch: int, vocab: int, block: int, num_sms: int) -> int:
     return max(1, min(MAX_CHUNKS, -(-vocab // block), -(-4 * num_sms // max(batch, 1))))
 
 
-def gumbel_argmax(logits: torch.Tensor, temperatures: Optional[torch.Tensor], seeds: Optional[torch.Tensor],
-                  positions: Optional[torch.Tensor], out: torch.Tensor = None) -> torch.Tensor:
-    """[B, V] logits -> [B] int64 token ids (no host sync; fixed grid). ``temperatures=None``: every row
-    greedy, the plain argmax (ties: the lowest token id, as torch.argmax), seeds and positions unused.
+def gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor,
+                  positions: torch.Tensor, out: torch.Tensor = None) -> torch.Tensor:
+    """[B, V] logits -> [B] int64 token ids (no host sync; fixed grid).
 
     Two launches: each (row, vocabulary chunk) program finds its chunk's best score, then one program
     per row picks the best chunk. Splitting the vocabulary keeps the whole device busy at small batch,
@@ -127,11 +118,9 @@ def gumbel_argmax(logits: torch.Tensor, temperatures: Optional[torch.Tensor], se
     chunk_len, chunks = chunk_tiles * block, -(-tiles // chunk_tiles)
     best_val = torch.empty(batch, MAX_CHUNKS, dtype=torch.float32, device=logits.device)
     best_idx = torch.empty(batch, MAX_CHUNKS, dtype=torch.int64, device=logits.device)
-    noise = temperatures is not None
-    row_params = (temperatures, seeds, positions) if noise else (best_val, best_idx, best_idx)  # unread
-    _gumbel_partial_kernel[(batch, chunks)](logits, logits.stride(0), *row_params, best_val,
+    _gumbel_partial_kernel[(batch, chunks)](logits, logits.stride(0), temperatures, seeds, positions, best_val,
                                             best_idx, vocab, chunk_len, MAX_CHUNKS=MAX_CHUNKS, BLOCK=block,
-                                            FAST_LOG=cuda, NOISE=noise, PDL=use_pdl, num_warps=8 if cuda else 1,
+                                            FAST_LOG=cuda, PDL=use_pdl, num_warps=8 if cuda else 1,
                                             launch_pdl=use_pdl)
     _gumbel_reduce_kernel[(batch,)](best_val, best_idx, out, chunks, MAX_CHUNKS=MAX_CHUNKS, PDL=use_pdl, num_warps=1,
                                     launch_pdl=use_pdl)
