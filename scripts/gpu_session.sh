@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: GPU tests, then the benchmarks. Usage (from the repo root, on the device):
 #   bash scripts/gpu_session.sh [tests|bench|bench-fa3|bench-tp2|profile|profile-latency|profile-prefill|cprofile|
-#                                cprofile-latency|sweep|probe|decode-step|fa3|latency|pytest|ab|env-ab|all]
+#                                cprofile-latency|sweep|probe|decode-step|fa3|latency|pytest|ab|env-ab|arg-ab|all]
 # BENCH_ARGS (e.g. "--attention-backend triton") go to bench.py and bench_latency.py; SWEEP_ARGS to kernel_sweep.py....
 # Writes logs and JSON under $OUT (or ./gpu_out). `profile` runs bench.py with the worker's torch-profiler
 # window (steps 300-330, NANOVLLM_PROFILE_DIR) and prints the device busy/idle share of that window and its
@@ -15,6 +15,8 @@
 # copy carries it; delete it afterwards), then AB_CMD (default: bench_latency.py --batch-sizes 1,64
 # --repeats 3) runs AB_ROUNDS times (default 2) on each side, new then old. `env-ab` (not in `all`): this tree's
 # AB_CMD once under each NAME=VALUE of AB_ENVS (e.g. "NANOVLLM_PDL=1 NANOVLLM_PDL=-gemm"), AB_ROUNDS times.
+# `arg-ab` (not in `all`): this tree's AB_CMD once with each ';'-separated set of extra flags in AB_ARGS
+# (e.g. "--block-size 16;--block-size 64"), AB_ROUNDS times, interleaved.
 set -uo pipefail
 if [ "${1:-}" = ab-tree ]; then  # on the CPU machine, not the device: the older tree for `ab`
   [ -n "${2:-}" ] || { echo "usage: bash scripts/gpu_session.sh ab-tree COMMIT" >&2; exit 2; }
@@ -72,6 +74,12 @@ for what in "${@:-all}"; do
             echo "== $setting (round $round)"; env "$setting" python3 ${AB_CMD:-bench_latency.py --batch-sizes 1,64 --repeats 3} 2>&1 | tail -${AB_TAIL:-4}
           done
         done 2>&1 | tee "$OUT/env_ab.log" ;;&
+    arg-ab) IFS=';' read -ra arg_sets <<< "${AB_ARGS:?arg-ab needs AB_ARGS, e.g. --block-size 16;--block-size 64}"
+        for round in $(seq "${AB_ROUNDS:-2}"); do
+          for extra in "${arg_sets[@]}"; do
+            echo "== $extra (round $round)"; python3 ${AB_CMD:-bench_latency.py --batch-sizes 1,64 --repeats 3} $extra 2>&1 | tail -${AB_TAIL:-4}
+          done
+        done 2>&1 | tee "$OUT/arg_ab.log" ;;&
     latency|all) python3 bench_latency.py ${BENCH_ARGS:-} --json "$OUT/latency.json" 2>&1 | tee "$OUT/latency.log" ;;
   esac
 done
