@@ -1,6 +1,6 @@
 """GPU only, exploratory: candidate kernels against what the engine runs (the engine does not import this).
 
-    python scripts/probe.py [--json out.json] [--only small,attn,split1,dgemm,lmhead,qkvrope,prefill,sampler]
+    python scripts/probe.py [--json out.json] [--only small,attn,split1,blocks,dgemm,lmhead,qkvrope,prefill,sampler]
 
 - small: workers.kernels.small_linear against cuBLAS at 1-4 rows (and cuBLAS at 8), per Qwen3-0.6B layer GEMM;
 - attn: the decode kernel over splits (1, 2 and the rule's S, S / 2, 2 S) x tile x stages (4 warps) at
@@ -16,6 +16,8 @@
 - qkvrope: decode_gemm.qkv_rope (the q/k/v projection with q/k norm, rotary and the K/V cache write fused)
   over its row-tile sizes, against the projection as parallel.layers._linear runs it + fused.qk_norm_rope
   (PROBE_ROWS: the batch sizes, comma-separated);
+- blocks: the engine's decode attention by KV block size (16, 64, 128) and block placement (random over an
+  engine-sized pool, or each sequence's blocks contiguous), at batch 8 / 64 / 256 with bench contexts;
 - sampler: workers.kernels.sampling.gumbel_argmax at batch 1-256 over Qwen3's vocabulary, and torch.argmax
   (all-greedy batches).
 Timings are CUDA graphs of 28 back-to-back calls on distinct memory (kernel_sweep.graph_time). Results of the
@@ -90,6 +92,49 @@ def probe_attention(bw, results):
         for t, s, bn, w, st in rows[:8]:
             print(f"   S={s:>2} bn={bn:>3} w={w} st={st}: {t * 1e6:7.1f} us ({100 * floor / t:.1f}%)")
         del caches
+
+
+def probe_block_sizes(bw, results):
+    """The engine's decode attention config by KV block size and placement. Each layer's K and V cache is a
+    pool of ~1.5 GB (the engine's are ~2 GB at gpu_memory_utilization 0.9), and a sequence's blocks are either
+    drawn at random from it or one contiguous run: which of block-table gathers, block size and locality
+    costs what."""
+    dev = torch.device("cuda")
+    rng = random.Random(0)
+    pool_gb = float(os.environ.get("PROBE_POOL_GB", "1.5"))
+    print("\n== decode attention by KV block size and placement (us/layer, % of K/V at copy bw)")
+    for batch, lo, hi in ((8, 1300, 1700), (64, 512, 768), (256, 1024, 1063)):
+        ctx = [rng.randint(lo, hi) for _ in range(batch)]
+        q = torch.randn(batch, HQ, D, device=dev, dtype=torch.bfloat16)
+        out = torch.empty_like(q)
+        floor = sum(ctx) * HKV * D * 2 * 2 / bw
+        for bs in (16, 64, 128):
+            num_blocks = int(pool_gb * 1e9) // (bs * HKV * D * 2)
+            caches = [(torch.empty(num_blocks, bs, HKV, D, device=dev, dtype=torch.bfloat16).normal_(),
+                       torch.empty(num_blocks, bs, HKV, D, device=dev, dtype=torch.bfloat16).normal_())
+                      for _ in range(LAYERS)]
+            max_blocks = 4096 // bs
+            splits = ta.choose_num_splits(batch, HKV, max_blocks, bs, device_sms(dev))
+            for placement in ("random", "contiguous"):
+                need = [-(-c // bs) for c in ctx]
+                if placement == "random":
+                    ids = rng.sample(range(num_blocks), sum(need))
+                else:  # runs spread evenly over the pool
+                    gap = num_blocks // batch
+                    ids = [b * gap + j for b, n in enumerate(need) for j in range(n)]
+                table = torch.zeros(batch, max_blocks, dtype=torch.int32)
+                used = 0
+                for b, n in enumerate(need):
+                    table[b, :n] = torch.tensor(ids[used:used + n])
+                    used += n
+                table, lens = table.to(dev), torch.tensor(ctx, dtype=torch.int32, device=dev)
+                t = graph_time(lambda i: ta._decode_launch(q, *caches[i], table, lens, 0.088, splits, out))
+                print(f"B={batch:>3} ctx~{sum(ctx) / batch:.0f} block {bs:>3} {placement:>10} S={splits:>2}: "
+                      f"{t * 1e6:7.1f} us ({100 * floor / t:.1f}%)", flush=True)
+                results["blocks"].append(dict(batch=batch, block_size=bs, placement=placement, splits=splits,
+                                              seconds=t, floor_s=floor))
+            del caches
+            torch.cuda.empty_cache()
 
 
 def probe_single_split(bw, results):
@@ -333,11 +378,12 @@ def main():
     bw = measure_copy_bandwidth()
     print(f"copy bandwidth {bw / 1e9:,.0f} GB/s")
     results = {"copy_bandwidth": bw, "attention": [], "decode_gemm": [], "small_linear": [], "qkv_rope": [], "prefill": [], "sampler": [],
-               "single_split": [], "lm_head": []}
+               "single_split": [], "lm_head": [], "blocks": []}
     parts = args.only.split(",")
     t0 = time.time()
     for part, fn in (("small", lambda: probe_small_linear(bw, results)), ("attn", lambda: probe_attention(bw, results)),
                      ("split1", lambda: probe_single_split(bw, results)),
+                     ("blocks", lambda: probe_block_sizes(bw, results)),
                      ("dgemm", lambda: probe_decode_gemm(bw, results)),
                      ("lmhead", lambda: probe_lm_head(bw, results)),
                      ("qkvrope", lambda: probe_qkv_rope(bw, results)),
