@@ -103,7 +103,7 @@ def probe_block_sizes(bw, results):
     rng = random.Random(0)
     pool_gb = float(os.environ.get("PROBE_POOL_GB", "1.5"))
     print("\n== decode attention by KV block size and placement (us/layer, % of K/V at copy bw)")
-    for batch, lo, hi in ((8, 1300, 1700), (64, 512, 768), (256, 1024, 1063)):
+    for batch, lo, hi in ((8, 1300, 1700), (64, 512, 768), (64, 640, 640), (128, 900, 1300), (256, 1024, 1063)):
         ctx = [rng.randint(lo, hi) for _ in range(batch)]
         q = torch.randn(batch, HQ, D, device=dev, dtype=torch.bfloat16)
         out = torch.empty_like(q)
@@ -115,7 +115,7 @@ def probe_block_sizes(bw, results):
                       for _ in range(LAYERS)]
             max_blocks = 4096 // bs
             splits = ta.choose_num_splits(batch, HKV, max_blocks, bs, device_sms(dev))
-            for placement in ("random", "contiguous"):
+            for placement in os.environ.get("PROBE_PLACEMENTS", "random,contiguous").split(","):
                 need = [-(-c // bs) for c in ctx]
                 if placement == "random":
                     ids = rng.sample(range(num_blocks), sum(need))
@@ -128,11 +128,14 @@ def probe_block_sizes(bw, results):
                     table[b, :n] = torch.tensor(ids[used:used + n])
                     used += n
                 table, lens = table.to(dev), torch.tensor(ctx, dtype=torch.int32, device=dev)
-                t = graph_time(lambda i: ta._decode_launch(q, *caches[i], table, lens, 0.088, splits, out))
-                print(f"B={batch:>3} ctx~{sum(ctx) / batch:.0f} block {bs:>3} {placement:>10} S={splits:>2}: "
-                      f"{t * 1e6:7.1f} us ({100 * floor / t:.1f}%)", flush=True)
-                results["blocks"].append(dict(batch=batch, block_size=bs, placement=placement, splits=splits,
-                                              seconds=t, floor_s=floor))
+                # the rule's split count, and one split where the engine also captures a one-split graph
+                twin = ta.has_single_split_variant(batch, HKV, max_blocks, bs, device_sms(dev))
+                for s in (splits, 1) if twin else (splits,):
+                    t = graph_time(lambda i: ta._decode_launch(q, *caches[i], table, lens, 0.088, s, out))
+                    print(f"B={batch:>3} ctx~{sum(ctx) / batch:.0f} block {bs:>3} {placement:>10} S={s:>2}: "
+                          f"{t * 1e6:7.1f} us ({100 * floor / t:.1f}%)", flush=True)
+                    results["blocks"].append(dict(batch=batch, block_size=bs, placement=placement, splits=s,
+                                                  seconds=t, floor_s=floor))
             del caches
             torch.cuda.empty_cache()
 
