@@ -65,22 +65,14 @@ def specs() -> list:
     small_linear._config pick for Qwen3-0.6B; the fused and sampling kernels at their wrappers' launch
     settings (block sizes and warps written out here as those wrappers compute them)."""
     attn_ptrs = {"Q": "*bf16", "KCache": "*bf16", "VCache": "*bf16", "BlockTables": "*i32", "ContextLens": "*i32",
-                 "Out": "*bf16", "OWs": "*fp32", "LseWs": "*fp32", "CuSeqlensQ": "*i32", "SeqIds": "*i32",
-                 "PfBase": "*bf16"}
+                 "Out": "*bf16", "OWs": "*fp32", "LseWs": "*fp32", "CuSeqlensQ": "*i32", "SeqIds": "*i32"}
     out = []
     for programs, splits in ((512, 1), (1024, 1), (2048, 4)):  # batch 64 / 128 one split, batch 64 four splits
         block_n, warps, stages = ta._decode_config(splits, D, 2, programs, SMS)
         out.append(Spec("decode_attention", f"decode split kernel, BLOCK_N {block_n}, {stages} stages, "
                         f"{splits} split(s)", ta._decode_split_kernel, attn_ptrs,
                         dict(GROUP=HQ // HKV, HEAD_DIM=D, BLOCK_H=16, BLOCK_D=D, BLOCK_N=block_n, BLOCK_SIZE=16,
-                             NUM_SPLITS=splits, IEEE=False, PDL=True, PF=0, PF_LINES=1, EVICT_FIRST=False,
-                             stride_qd=1, stride_od=1), warps, stages))
-    block_n, warps, stages = ta._decode_config(1, D, 2, 512, SMS)
-    out.append(Spec("decode_attention", "decode split kernel, batch 64, prefetching 23 MB to L2 at its end "
-                    "(scripts/probe.py l2pf only)", ta._decode_split_kernel, attn_ptrs,
-                    dict(GROUP=HQ // HKV, HEAD_DIM=D, BLOCK_H=16, BLOCK_D=D, BLOCK_N=block_n, BLOCK_SIZE=16,
-                         NUM_SPLITS=1, IEEE=False, PDL=True, PF=2, PF_LINES=512, EVICT_FIRST=True,
-                         stride_qd=1, stride_od=1), warps, stages))
+                             NUM_SPLITS=splits, IEEE=False, PDL=True, stride_qd=1, stride_od=1), warps, stages))
     out.append(Spec("decode_attention", "decode split reduction, 4 splits", ta._decode_reduce_kernel, attn_ptrs,
                     dict(NUM_HEADS=HQ, HEAD_DIM=D, BLOCK_D=D, BLOCK_N=64, NUM_SPLITS=4, BLOCK_S=4, PDL=True,
                          stride_od=1), 2))

@@ -1,6 +1,6 @@
 """GPU only, exploratory: candidate kernels against what the engine runs (the engine does not import this).
 
-    python scripts/probe.py [--json out.json] [--only small,attn,split1,blocks,l2pf,dgemm,lmhead,qkvrope,prefill,sampler]
+    python scripts/probe.py [--json out.json] [--only small,attn,split1,blocks,dgemm,lmhead,qkvrope,prefill,sampler]
 
 - small: workers.kernels.small_linear against cuBLAS at 1-4 rows (and cuBLAS at 8), per Qwen3-0.6B layer GEMM;
 - attn: the decode kernel over splits (1, 2 and the rule's S, S / 2, 2 S) x tile x stages (4 warps) at
@@ -18,9 +18,6 @@
   (PROBE_ROWS: the batch sizes, comma-separated);
 - blocks: the engine's decode attention by KV block size (16, 64, 128) and block placement (random over an
   engine-sized pool, or each sequence's blocks contiguous), at batch 8 / 64 / 256 with bench contexts;
-- l2pf: the decode attention asking L2 for the next GEMMs' weights (o, gate/up, down: 23 MB a layer) at its
-  start or end, K/V loads evict-first, against the plain attention, in the chain attention -> o -> norm ->
-  gate/up + SiLU -> down -> norm at batch 64 and 256 (and that chain with L2-hot weights: the bound);
 - sampler: workers.kernels.sampling.gumbel_argmax at batch 1-256 over Qwen3's vocabulary, and torch.argmax
   (all-greedy batches).
 Timings are CUDA graphs of 28 back-to-back calls on distinct memory (kernel_sweep.graph_time). Results of the
@@ -141,77 +138,6 @@ def probe_block_sizes(bw, results):
                                                   seconds=t, floor_s=floor))
             del caches
             torch.cuda.empty_cache()
-
-
-def probe_l2_prefetch(bw, results):
-    """Whether the decode attention, bandwidth-bound and long, can bring the weights of the GEMMs after it
-    into L2 so that they start from L2 rather than DRAM (see the module docstring, l2pf)."""
-    from workers.kernels import decode_gemm as dg
-    from workers.kernels.fused import rmsnorm, silu_and_mul
-    dev = torch.device("cuda")
-    rng = random.Random(0)
-    print("\n== decode attention with the next GEMMs' weights prefetched to L2 (us/layer)")
-    sizes = {"o": (HIDDEN, HQ * D), "gate_up": (2 * INTER, HIDDEN), "down": (HIDDEN, INTER)}
-    per_layer = sum(n * k for n, k in sizes.values())
-    bufs = [torch.randn(per_layer, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(LAYERS)]
-
-    def views(buf):
-        out, at = {}, 0
-        for name, (n, k) in sizes.items():
-            out[name] = buf[at:at + n * k].view(n, k)
-            at += n * k
-        return out
-    ws = [views(b) for b in bufs]
-    norm_w = torch.ones(HIDDEN, device=dev, dtype=torch.bfloat16)
-    max_blocks = 4096 // BLOCK
-    for batch, lo, hi in ((64, 640, 640), (64, 512, 768), (256, 1024, 1063)):
-        ctx = [rng.randint(lo, hi) for _ in range(batch)]
-        caches, table, lens = paged_caches(ctx, dev, max_blocks)
-        q = torch.randn(batch, HQ, D, device=dev, dtype=torch.bfloat16)
-        out = torch.empty_like(q)
-        res = torch.randn(batch, HIDDEN, device=dev, dtype=torch.bfloat16)
-        splits = 1 if ta.has_single_split_variant(batch, HKV, max_blocks, BLOCK, device_sms(dev)) else None
-        x_o = out.view(batch, HQ * D)
-        cfg_o = dg.choose_config(x_o, ws[0]["o"], allow_split=True)
-        h0 = torch.randn(batch, HIDDEN, device=dev, dtype=torch.bfloat16)
-        cfg_gu = dg.choose_config(h0, ws[0]["gate_up"], silu_mul=True)
-        a0 = torch.randn(batch, INTER, device=dev, dtype=torch.bfloat16)
-        cfg_d = dg.choose_config(a0, ws[0]["down"], allow_split=True)
-
-        def proj(x, w, cfg):
-            return dg.decode_gemm(x, w, cfg) if cfg is not None else torch.nn.functional.linear(x, w)
-
-        def chain(w):
-            h, _ = rmsnorm(proj(x_o, w["o"], cfg_o), norm_w, 1e-6, res)
-            a = dg.decode_gemm(h, w["gate_up"], cfg_gu, silu_mul=True) if cfg_gu is not None else \
-                silu_and_mul(torch.nn.functional.linear(h, w["gate_up"]))
-            rmsnorm(proj(a, w["down"], cfg_d), norm_w, 1e-6, res)
-
-        def attn(i, **kw):
-            ta._decode_launch(q, *caches[i], table, lens, 0.088, splits, out, **kw)
-
-        rows = {
-            "attention": lambda i: attn(i),
-            "attention, prefetch at end, evict-first": lambda i: attn(i, prefetch=bufs[i], prefetch_at=2,
-                                                                      evict_first=True),
-            "chain, weights from DRAM": lambda i: chain(ws[i]),
-            "chain, weights L2-hot (bound)": lambda i: chain(ws[0]),
-            "attention + chain": lambda i: (attn(i), chain(ws[i])),
-            "attention(evict-first) + chain": lambda i: (attn(i, evict_first=True), chain(ws[i])),
-            "attention(prefetch at end) + chain": lambda i: (attn(i, prefetch=bufs[i], prefetch_at=2),
-                                                            chain(ws[i])),
-            "attention(prefetch at end, evict-first) + chain": lambda i: (
-                attn(i, prefetch=bufs[i], prefetch_at=2, evict_first=True), chain(ws[i])),
-            "attention(prefetch at start, evict-first) + chain": lambda i: (
-                attn(i, prefetch=bufs[i], prefetch_at=1, evict_first=True), chain(ws[i])),
-        }
-        floor = (sum(ctx) * HKV * D * 2 * 2 + per_layer * 2) / bw
-        print(f"B={batch} ctx {lo}-{hi}, S={splits or 'rule'}; K/V + weights at copy bw {floor * 1e6:.1f} us")
-        for label, fn in rows.items():
-            t = min(graph_time(fn) for _ in range(2))
-            print(f"   {label:>50}: {t * 1e6:7.1f}", flush=True)
-            results["l2pf"].append(dict(batch=batch, ctx=(lo, hi), label=label, seconds=t))
-        del caches
 
 
 def probe_single_split(bw, results):
@@ -455,13 +381,12 @@ def main():
     bw = measure_copy_bandwidth()
     print(f"copy bandwidth {bw / 1e9:,.0f} GB/s")
     results = {"copy_bandwidth": bw, "attention": [], "decode_gemm": [], "small_linear": [], "qkv_rope": [], "prefill": [], "sampler": [],
-               "single_split": [], "lm_head": [], "blocks": [], "l2pf": []}
+               "single_split": [], "lm_head": [], "blocks": []}
     parts = args.only.split(",")
     t0 = time.time()
     for part, fn in (("small", lambda: probe_small_linear(bw, results)), ("attn", lambda: probe_attention(bw, results)),
                      ("split1", lambda: probe_single_split(bw, results)),
                      ("blocks", lambda: probe_block_sizes(bw, results)),
-                     ("l2pf", lambda: probe_l2_prefetch(bw, results)),
                      ("dgemm", lambda: probe_decode_gemm(bw, results)),
                      ("lmhead", lambda: probe_lm_head(bw, results)),
                      ("qkvrope", lambda: probe_qkv_rope(bw, results)),

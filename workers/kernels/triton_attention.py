@@ -161,26 +161,10 @@ def _kv_slots(bt_row, start_n, offs_n, mask_n, BLOCK_SIZE: tl.constexpr, BLOCK_N
 
 
 @triton.jit
-def _load_kv(ptrs, mask, EVICT_FIRST: tl.constexpr):
-    # EVICT_FIRST: streamed K/V marked first to leave L2 (so lines prefetched with evict_last stay)
-    if EVICT_FIRST:
-        return tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
-    else:
-        return tl.load(ptrs, mask=mask, other=0.0)
-
-
-@triton.jit
-def _prefetch_l2(ptrs):
-    # each address's 128-byte line into L2 with the evict_last priority; nothing is returned to registers
-    tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _attn_tile(q, acc, l_i, m_i, k_base, v_base, bt_row, start_n, valid_n, qk_scale, q_pos,
                stride_k_slot, stride_v_slot, offs_d, mask_d,
                BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-               MASK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr, EVICT_FIRST: tl.constexpr):
+               MASK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
     """One online-softmax step over KV positions [start_n, start_n + BLOCK_N).
 
     q: [M, BLOCK_D] (any M >= 16), acc: [M, BLOCK_D] fp32, l_i/m_i: [M] fp32 (base-2 units).
@@ -196,10 +180,11 @@ def _attn_tile(q, acc, l_i, m_i, k_base, v_base, bt_row, start_n, valid_n, qk_sc
     slots = _kv_slots(bt_row, start_n, offs_n, mask_n, BLOCK_SIZE, BLOCK_N)
     # K loaded transposed: [BLOCK_D, BLOCK_N]; head_dim is the contiguous (vectorized) axis.
     if MASK_N:
-        k = _load_kv(k_base + slots[None, :] * stride_k_slot + offs_d[:, None], mask_d[:, None] & mask_n[None, :],
-                     EVICT_FIRST)
+        k = tl.load(k_base + slots[None, :] * stride_k_slot + offs_d[:, None],
+                    mask=mask_d[:, None] & mask_n[None, :], other=0.0)
     else:
-        k = _load_kv(k_base + slots[None, :] * stride_k_slot + offs_d[:, None], mask_d[:, None], EVICT_FIRST)
+        k = tl.load(k_base + slots[None, :] * stride_k_slot + offs_d[:, None],
+                    mask=mask_d[:, None], other=0.0)
     qk = _dot(q, k, IEEE) * qk_scale
     if CAUSAL:
         keep = (offs_n[None, :] <= q_pos[:, None]) & mask_n[None, :]
@@ -211,10 +196,11 @@ def _attn_tile(q, acc, l_i, m_i, k_base, v_base, bt_row, start_n, valid_n, qk_sc
     p = tl.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if MASK_N:
-        v = _load_kv(v_base + slots[:, None] * stride_v_slot + offs_d[None, :], mask_n[:, None] & mask_d[None, :],
-                     EVICT_FIRST)
+        v = tl.load(v_base + slots[:, None] * stride_v_slot + offs_d[None, :],
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
     else:
-        v = _load_kv(v_base + slots[:, None] * stride_v_slot + offs_d[None, :], mask_d[None, :], EVICT_FIRST)
+        v = tl.load(v_base + slots[:, None] * stride_v_slot + offs_d[None, :],
+                    mask=mask_d[None, :], other=0.0)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
     return acc, l_i, m_new
 
@@ -240,14 +226,11 @@ def _decode_split_kernel(
     stride_k_slot, stride_k_h, stride_v_slot, stride_v_h,
     stride_bt_b,
     stride_ob, stride_oh, stride_od,
-    qk_scale, PfBase, pf_bytes,
+    qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
-    PF: tl.constexpr, PF_LINES: tl.constexpr, EVICT_FIRST: tl.constexpr,
 ):
-    # PF (experimental, scripts/probe.py "l2pf"): each program asks L2 for its share of pf_bytes at PfBase
-    # (e.g. the weights of the GEMMs that follow), at its start (1) or its end (2); 0: none
     pdl_enter(PDL)
     # KV heads fastest: consecutive programs read the same cache blocks (a block holds every head of its
     # tokens), so the memory sees whole blocks requested together
@@ -276,14 +259,10 @@ def _decode_split_kernel(
     v_base = VCache + kvh * stride_v_h
     q_pos = offs_h  # unused (CAUSAL=False)
     # Every tile processed has >= 1 valid position (start_n < end), so m_i stays finite.
-    if PF == 1:
-        _prefetch_decode_share(PfBase, pf_bytes, PF_LINES)
     for start_n in range(start, end, BLOCK_N):
         acc, l_i, m_i = _attn_tile(q, acc, l_i, m_i, k_base, v_base, bt_row, start_n, end, qk_scale, q_pos,
                                    stride_k_slot, stride_v_slot, offs_d, mask_d,
-                                   BLOCK_SIZE, BLOCK_N, True, False, IEEE, EVICT_FIRST)
-    if PF == 2:
-        _prefetch_decode_share(PfBase, pf_bytes, PF_LINES)
+                                   BLOCK_SIZE, BLOCK_N, True, False, IEEE)
 
     if NUM_SPLITS == 1:
         # No reduction needed: normalize and write the output (context_len 0 -> zeros).
@@ -301,16 +280,6 @@ def _decode_split_kernel(
         tl.store(LseWs + row, lse, mask=mask_hv)
         tl.store(OWs + row[:, None] * BLOCK_D + offs_d[None, :], o,
                  mask=mask_hv[:, None] & mask_d[None, :])
-
-
-@triton.jit
-def _prefetch_decode_share(PfBase, pf_bytes, PF_LINES: tl.constexpr):
-    # this program's contiguous share of [PfBase, PfBase + pf_bytes), one 128-byte line per element
-    prog = (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) * tl.num_programs(2) + tl.program_id(2)
-    programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
-    share = tl.cdiv(tl.cdiv(pf_bytes, programs), 128) * 128
-    offs = tl.minimum(prog.to(tl.int64) * share + tl.arange(0, PF_LINES).to(tl.int64) * 128, pf_bytes - 1)
-    _prefetch_l2(PfBase.to(tl.pointer_type(tl.int8)) + offs)
 
 
 @triton.jit
@@ -421,7 +390,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 
 def _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=None, out=None,
-                   block_n=None, num_warps=None, num_stages=None, prefetch=None, prefetch_at=2, evict_first=False):
+                   block_n=None, num_warps=None, num_stages=None):
     """paged_decode_attention with the tuning knobs exposed (benchmarks, autotuning offline)."""
     _check_cache(k_cache, v_cache)
     batch, num_q_heads, head_dim = q.shape
@@ -462,22 +431,15 @@ def _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_s
         o_ws = lse_ws = out  # unused
 
     assert batch <= 65535, f"decode batch {batch} exceeds the CUDA grid's second dimension (65535)"
-    # prefetch (experimental, scripts/probe.py): a contiguous tensor whose bytes each program helps bring to L2
-    pf_mode, pf_lines, pf_bytes = 0, 1, 1
-    if prefetch is not None:
-        pf_bytes = prefetch.numel() * prefetch.element_size()
-        per_program = -(-pf_bytes // (num_kv_heads * batch * num_splits))
-        pf_mode, pf_lines = prefetch_at, triton.next_power_of_2(max(1, -(-per_program // 128)))
     _decode_split_kernel[(num_kv_heads, batch, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, o_ws, lse_ws,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
-        scale * _LOG2E, prefetch if prefetch is not None else q, pf_bytes,
+        scale * _LOG2E,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n,
         BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, IEEE=ieee, PDL=use_pdl,
-        PF=pf_mode, PF_LINES=pf_lines, EVICT_FIRST=evict_first,
         num_warps=num_warps, num_stages=num_stages, launch_pdl=use_pdl,
     )
     if num_splits > 1:
@@ -549,14 +511,14 @@ def _prefill_kernel(
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _attn_tile(q, acc, l_i, m_i, k_base, v_base, bt_row, start_n, ctx, qk_scale, q_pos,
                                    stride_k_slot, stride_v_slot, offs_d, mask_d,
-                                   BLOCK_SIZE, BLOCK_N, False, False, IEEE, False)
+                                   BLOCK_SIZE, BLOCK_N, False, False, IEEE)
     # Diagonal tiles: causal mask, up to the last row's position (and < ctx). Every row has already
     # seen position 0 (full_end > 0) or sees it in the first tile here, so m_i stays finite.
     kv_end = tl.minimum(prefix + m_start + BLOCK_M, ctx)
     for start_n in range(full_end, kv_end, BLOCK_N):
         acc, l_i, m_i = _attn_tile(q, acc, l_i, m_i, k_base, v_base, bt_row, start_n, kv_end, qk_scale, q_pos,
                                    stride_k_slot, stride_v_slot, offs_d, mask_d,
-                                   BLOCK_SIZE, BLOCK_N, True, True, IEEE, False)
+                                   BLOCK_SIZE, BLOCK_N, True, True, IEEE)
 
     o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     tl.store(Out + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :] * stride_od,
