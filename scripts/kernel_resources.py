@@ -120,11 +120,12 @@ def specs() -> list:
                              BLOCK_ROW=triton.next_power_of_2(2 * k if prologue == small_linear.SILU_MUL else k),
                              NUM_STAGES=4), 4))
     sample_ptrs = {"logits_ptr": "*bf16", "temps_ptr": "*fp32", "seeds_ptr": "*i64", "positions_ptr": "*i64",
-                   "best_val_ptr": "*fp32", "best_idx_ptr": "*i64", "out_ptr": "*i64"}
-    out.append(Spec("sampling", "sampler, vocabulary chunks", sampling._gumbel_partial_kernel, sample_ptrs,
-                    dict(MAX_CHUNKS=sampling.MAX_CHUNKS, BLOCK=4096, FAST_LOG=True, PDL=True), 8))
-    out.append(Spec("sampling", "sampler, best chunk", sampling._gumbel_reduce_kernel, sample_ptrs,
-                    dict(MAX_CHUNKS=sampling.MAX_CHUNKS, PDL=True), 1))
+                   "best_val_ptr": "*fp32", "best_tile_ptr": "*i32", "out_ptr": "*i64"}
+    out.append(Spec("sampling", "sampler, tile scores of vocabulary chunks", sampling._tile_scores_kernel,
+                    sample_ptrs, dict(MAX_CHUNKS=sampling.MAX_CHUNKS, TILE=sampling.SAMPLE_TILE, FAST_LOG=True,
+                                      PDL=True), 8))
+    out.append(Spec("sampling", "sampler, draw within the best tile", sampling._tile_draw_kernel, sample_ptrs,
+                    dict(MAX_CHUNKS=sampling.MAX_CHUNKS, TILE=sampling.SAMPLE_TILE, FAST_LOG=True, PDL=True), 8))
     return out
 
 

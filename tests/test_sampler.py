@@ -1,5 +1,5 @@
-"""The sampler: the Gumbel-max draw follows softmax(logits / T), truncation keeps the right tokens,
-and the Triton kernel computes the same draw as the torch code (interpreter on CPU, real on GPU)."""
+"""The sampler: the two-level Gumbel-max draw follows softmax(logits / T), truncation keeps the right tokens,
+and the Triton kernels compute the same draw as the torch code (interpreter on CPU, real on GPU)."""
 
 import os
 
@@ -31,6 +31,19 @@ def test_draws_follow_the_softmax():
     freq = torch.bincount(tokens, minlength=5).double() / n
     expected = torch.softmax(logits.double() / 0.7, dim=0)  # independent float64 reference
     assert torch.allclose(freq, expected, atol=0.01), (freq, expected)
+
+
+@pytest.mark.parametrize("tile", [4, 16])
+def test_two_level_draw_follows_the_softmax(tile):
+    """Tiles of 4 over 10 tokens (the last tile partial), and one tile: a tile by log-sum-exp + Gumbel, then
+    a token within it, draws each token with its softmax probability (float64 reference)."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5, 1.5, -0.5, 0.2, 1.2, -2.0])
+    n = 60000
+    temps = torch.full((n,), 0.8)
+    tokens = gumbel_argmax_reference(logits.expand(n, -1), temps, torch.arange(n), torch.full((n,), 3), tile=tile)
+    freq = torch.bincount(tokens, minlength=10).double() / n
+    expected = torch.softmax(logits.double() / 0.8, dim=0)
+    assert torch.allclose(freq, expected, atol=0.008), (freq, expected)
 
 
 def test_greedy_and_truncation():
@@ -69,10 +82,15 @@ def test_same_seed_same_draw_whatever_the_batch():
     assert torch.equal(full[2:4], part)
 
 
-def test_triton_kernel_matches_torch():
+@pytest.mark.parametrize("tile", [None, 128])
+def test_triton_kernel_matches_torch(tile):
+    """The kernels draw what the torch reference draws, at the engine's tile width and at 128 (8 tiles on
+    the CPU's vocabulary of 1000, several tiles a chunk)."""
     pytest.importorskip("triton")
     from workers.kernels.sampling import gumbel_argmax
+    from workers.sampler import SAMPLE_TILE
 
+    tile = tile or SAMPLE_TILE
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(1)
     V = 1000 if device == "cpu" else 151936
@@ -80,15 +98,17 @@ def test_triton_kernel_matches_torch():
     temps = torch.tensor([0.0, 0.5, 1.0, 1.5, 0.6, 0.6, 2.0, 0.0])
     seeds = torch.tensor([1, 2, 3, 4, 5, 6, 2**32 - 1, 9], dtype=torch.int64)
     positions = torch.tensor([0, 1, 2, 3, 4, 1000, 7, 8], dtype=torch.int64)
-    expected = gumbel_argmax_reference(logits, temps, seeds, positions)
-    got = gumbel_argmax(logits.to(device), temps.to(device), seeds.to(device), positions.to(device))
+    expected = gumbel_argmax_reference(logits, temps, seeds, positions, tile=tile)
+    assert torch.equal(expected[[0, 7]], logits[[0, 7]].argmax(dim=-1))  # greedy rows: the plain argmax
+    got = gumbel_argmax(logits.to(device), temps.to(device), seeds.to(device), positions.to(device), tile=tile)
     assert torch.equal(got.cpu(), expected)
 
 
 @pytest.mark.parametrize("batch", [1, 3, 16])
 def test_triton_kernel_vocab_chunks_and_ties(batch):
     """Rows split over several vocabulary chunks (small batch) or one (batch 16 on the CPU interpreter's
-    4 'SMs'): the same draw as torch, and on ties the lowest token id wins, as torch.argmax."""
+    4 'SMs'), 128-token tiles: the same draw as torch, and on ties the lowest token id wins, as torch.argmax,
+    across tiles and chunks."""
     pytest.importorskip("triton")
     from workers.kernels.sampling import gumbel_argmax
 
@@ -96,13 +116,30 @@ def test_triton_kernel_vocab_chunks_and_ties(batch):
     torch.manual_seed(batch)
     V = 1000
     logits = torch.randn(batch, V)
-    logits[0, 300] = logits[0, 700] = 50.0  # a tie across chunks: greedy must pick 300
+    logits[0, 300] = logits[0, 700] = 50.0  # a tie across tiles (and chunks): greedy must pick 300
     temps = torch.full((batch,), 0.7)
     temps[0] = 0.0
     seeds = torch.arange(batch, dtype=torch.int64) * 7919
     positions = torch.arange(batch, dtype=torch.int64)
-    expected = gumbel_argmax_reference(logits, temps, seeds, positions)
+    expected = gumbel_argmax_reference(logits, temps, seeds, positions, tile=128)
     assert expected[0] == 300
-    got = gumbel_argmax(logits.to(device), temps.to(device), seeds.to(device), positions.to(device))
+    got = gumbel_argmax(logits.to(device), temps.to(device), seeds.to(device), positions.to(device), tile=128)
     assert torch.equal(got.cpu(), expected)
 
+
+def test_triton_kernel_never_draws_a_removed_token():
+    """Truncation leaves three tokens in two tiles; every other tile is all -inf: kernel and reference draw
+    only those three (both -inf-only tiles and partly -inf tiles), and the same ones."""
+    pytest.importorskip("triton")
+    from workers.kernels.sampling import gumbel_argmax
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n, V = 64, 1000
+    logits = torch.full((n, V), float("-inf"))
+    logits[:, 5], logits[:, 600], logits[:, 610] = 0.3, 1.0, 0.1
+    temps = torch.full((n,), 1.0)
+    seeds, positions = torch.arange(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64)
+    expected = gumbel_argmax_reference(logits, temps, seeds, positions, tile=128)
+    assert set(expected.tolist()) == {5, 600, 610}
+    got = gumbel_argmax(logits.to(device), temps.to(device), seeds.to(device), positions.to(device), tile=128)
+    assert torch.equal(got.cpu(), expected)

@@ -1,10 +1,16 @@
 """Sampling: penalties, min_tokens, temperature, top-k, top-p, min-p, then a seeded draw.
 
-The draw is Gumbel-max: ``argmax(logits_i / T + G_i)`` with ``G_i = -log(-log(U_i))`` samples ``i`` with
-probability ``softmax(logits / T)_i``, with no softmax and no [batch, vocab] temporaries needed. The ``U_i``
-come from a counter-based hash of (request seed, output position, token id), so a request's tokens depend
-only on its own seed and logits: not on what else is in the batch, not on the tensor-parallel size. On CUDA
-the draw is one Triton kernel (``workers.kernels.sampling``) computing the same hash.
+The draw is Gumbel-max in two levels. ``argmax_i(logits_i / T + G_i)``, with ``G_i = -log(-log(U_i))``
+independent Gumbel noise, samples ``i`` with probability ``softmax(logits / T)_i``; and the maximum over a
+group of tokens of ``logits_i / T + G_i`` is itself distributed as the group's log-sum-exp plus one Gumbel.
+So the vocabulary is cut into tiles of ``SAMPLE_TILE`` tokens, a tile is drawn by ``argmax_t(LSE_t + G_t)``
+(probability: the tile's share of the softmax), then a token of that tile by Gumbel-max over its own tokens:
+exactly the same distribution, with one exp per logit instead of two logs and a hash (the per-token noise is
+computed for one tile a row). The ``U`` come from a counter-based hash of (request seed, output position,
+token or tile id), so a request's tokens depend only on its own seed and logits: not on what else is in the
+batch, not on the tensor-parallel size. On CUDA the draw is a Triton kernel pair
+(``workers.kernels.sampling``) computing the same hashes. No softmax and no [batch, vocab] temporaries on
+CUDA.
 """
 
 from __future__ import annotations
@@ -26,22 +32,44 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def seeded_gumbel(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[B, V] Gumbel(0, 1) noise, a pure function of (seed, position, token id)."""
+SAMPLE_TILE = 4096  # tokens per tile of the two-level draw: part of the algorithm (which tokens a seed gives)
+TILE_SALT = 0x2545F491  # the tile noise's key is hash(key ^ TILE_SALT): independent of the token noise
+
+
+def _keys(seeds: torch.Tensor, positions: torch.Tensor):
+    """Per row: the token-noise key and the tile-noise key."""
     key = _hash32(_hash32(seeds & _M32) ^ (positions & _M32))
-    token = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
-    bits = _hash32(_hash32(key[:, None] ^ token[None, :]) ^ key[:, None])
+    return key, _hash32(key ^ TILE_SALT)
+
+
+def _gumbel(key: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise, a pure function of (key [B, 1], id [B, N])."""
+    bits = _hash32(_hash32(key ^ ids) ^ key)
     uniform = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
     return -torch.log(-torch.log(uniform))
 
 
 def gumbel_argmax_reference(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor,
-                            positions: torch.Tensor) -> torch.Tensor:
-    """Pure-torch draw (CPU, and the reference for the Triton kernel); rows with T == 0 are greedy."""
-    inv_temp = torch.where(temperatures > 0, 1.0 / temperatures.clamp_min(1e-30), torch.ones_like(temperatures))
-    noisy = logits * inv_temp[:, None] + seeded_gumbel(seeds, positions, logits.shape[-1])
-    scores = torch.where((temperatures > 0)[:, None], noisy, logits)
-    return scores.argmax(dim=-1)
+                            positions: torch.Tensor, tile: int = SAMPLE_TILE) -> torch.Tensor:
+    """Pure-torch two-level draw (CPU, and the reference for the Triton kernels); rows with T == 0 are
+    greedy (the first maximal token, as torch.argmax: ties go to the lower tile, then the lower id)."""
+    batch, vocab = logits.shape
+    n_tiles = -(-vocab // tile)
+    x = torch.nn.functional.pad(logits.float(), (0, n_tiles * tile - vocab), value=float("-inf"))
+    x = x.view(batch, n_tiles, tile)
+    sampling = temperatures > 0
+    inv_temp = torch.where(sampling, 1.0 / temperatures.clamp_min(1e-30), torch.ones_like(temperatures))
+    key, tile_key = _keys(seeds, positions)
+    tile_ids = torch.arange(n_tiles, device=logits.device, dtype=torch.int64)[None, :]
+    tile_scores = torch.where(sampling[:, None],
+                              torch.logsumexp(x * inv_temp[:, None, None], dim=-1) + _gumbel(tile_key[:, None], tile_ids),
+                              x.max(dim=-1).values)
+    chosen = tile_scores.argmax(dim=-1)  # [B]
+    ids = chosen[:, None] * tile + torch.arange(tile, device=logits.device, dtype=torch.int64)[None, :]
+    xt = x[torch.arange(batch, device=logits.device), chosen]  # [B, tile]
+    scores = torch.where(sampling[:, None], xt * inv_temp[:, None] + _gumbel(key[:, None], ids), xt)
+    scores = torch.where(ids < vocab, scores, float("-inf"))
+    return chosen * tile + scores.argmax(dim=-1)
 
 
 @dataclass

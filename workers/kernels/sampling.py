@@ -1,10 +1,10 @@
-"""Seeded Gumbel-max sampling in one pass over the logits (Triton).
+"""Seeded sampling from softmax(logits / T) in one pass over the logits (Triton): ``workers.sampler``'s
+two-level Gumbel-max draw (a tile of the vocabulary by its log-sum-exp plus Gumbel noise, then a token of
+that tile by Gumbel-max), computing the same hashes, so it draws the same tokens as the torch version.
 
-``argmax(logits / T + G)`` with ``G = -log(-log(U))`` draws from ``softmax(logits / T)``; ``U`` comes from
-a counter-based hash of (seed, output position, token id), the same hash as ``workers.sampler``'s torch
-version, so a request's tokens depend only on its own seed and logits. Rows with ``T == 0`` take the plain
-argmax. Programs stream vocabulary chunks of a row in tiles, then a second tiny kernel picks each row's best
-chunk: the logits are read once and nothing of size [batch, vocab] is written.
+Programs stream vocabulary chunks of a row tile by tile (one exp per logit), then a second kernel, one
+program per row, picks the best chunk's tile and draws within it: the logits are read once (plus one tile a
+row) and nothing of size [batch, vocab] is written. Rows with ``T == 0`` take the plain argmax.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import triton.language as tl
 from workers.kernels import pdl
 from workers.kernels.pdl import enter as pdl_enter
 from workers.kernels.triton_attention import device_sms
+from workers.sampler import SAMPLE_TILE as _SAMPLE_TILE
+from workers.sampler import TILE_SALT as _TILE_SALT
 
 
 @triton.jit
@@ -29,7 +31,6 @@ def _hash32(x):
     return x
 
 
-# chunk counts and lengths follow the batch size: left unspecialized so no batch size compiles a new variant
 @triton.jit
 def _neg_log(x, FAST: tl.constexpr):
     # -log(x) for x in (0, 1]. On CUDA the hardware approximation (lg2.approx, ~2 ulp): with two logs per
@@ -41,54 +42,85 @@ def _neg_log(x, FAST: tl.constexpr):
         return -tl.log(x)
 
 
+TILE_SALT = tl.constexpr(_TILE_SALT)  # the tile noise's key: hash(key ^ TILE_SALT), as workers.sampler
+
+
+@triton.jit
+def _uniform(key, idx):
+    # U in (0, 1) from (key, idx): the same as workers.sampler._uniform
+    bits = _hash32(_hash32(key ^ idx.to(tl.uint32)) ^ key)
+    return ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+
+
+@triton.jit
+def _row_keys(seeds_ptr, positions_ptr, row):
+    # the row's token-noise key and tile-noise key (workers.sampler._keys)
+    seed = (tl.load(seeds_ptr + row) & 0xFFFFFFFF).to(tl.uint32)
+    pos = (tl.load(positions_ptr + row) & 0xFFFFFFFF).to(tl.uint32)
+    key = _hash32(_hash32(seed) ^ pos)
+    return key, _hash32(key ^ TILE_SALT)
+
+
+# chunk counts and lengths follow the batch size: left unspecialized so no batch size compiles a new variant
 @triton.jit(do_not_specialize=["chunk_len"])
-def _gumbel_partial_kernel(logits_ptr, stride_row, temps_ptr, seeds_ptr, positions_ptr, best_val_ptr, best_idx_ptr,
-                           vocab_size, chunk_len, MAX_CHUNKS: tl.constexpr, BLOCK: tl.constexpr,
-                           FAST_LOG: tl.constexpr, PDL: tl.constexpr):
-    # program (row, c): the best (score, token) of vocabulary chunk c of this row
+def _tile_scores_kernel(logits_ptr, stride_row, temps_ptr, seeds_ptr, positions_ptr, best_val_ptr, best_tile_ptr,
+                        vocab_size, chunk_len, MAX_CHUNKS: tl.constexpr, TILE: tl.constexpr,
+                        FAST_LOG: tl.constexpr, PDL: tl.constexpr):
+    # program (row, c): over the TILE-wide tiles of vocabulary chunk c, the best tile score: the tile's
+    # log-sum-exp of logits / T plus the tile's Gumbel noise (T > 0), or the tile's max logit (T == 0)
     pdl_enter(PDL)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     temp = tl.load(temps_ptr + row)
-    seed = (tl.load(seeds_ptr + row) & 0xFFFFFFFF).to(tl.uint32)
-    pos = (tl.load(positions_ptr + row) & 0xFFFFFFFF).to(tl.uint32)
-    key = _hash32(_hash32(seed) ^ pos)
-    inv_temp = tl.where(temp > 0, 1.0 / tl.maximum(temp, 1e-30), 1.0)
+    _, tile_key = _row_keys(seeds_ptr, positions_ptr, row)
     use_noise = temp > 0
+    scale2 = tl.where(use_noise, 1.4426950408889634 / tl.maximum(temp, 1e-30), 1.0)  # to base-2 units
     first = chunk * chunk_len
     last = tl.minimum(first + chunk_len, vocab_size)
     best_val = float("-inf")
-    best_idx = first
-    for start in range(first, last, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        mask = offs < last
-        x = tl.load(logits_ptr + row * stride_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-        bits = _hash32(_hash32(key ^ offs.to(tl.uint32)) ^ key)
-        u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-        gumbel = _neg_log(_neg_log(u, FAST_LOG), FAST_LOG)
-        score = tl.where(use_noise, x * inv_temp + gumbel, x)
-        score = tl.where(mask, score, float("-inf"))
-        tile_max = tl.max(score, axis=0)
-        tile_idx = tl.argmax(score, axis=0) + start
-        better = tile_max > best_val  # strictly: on ties the lower token id wins, as torch.argmax
-        best_idx = tl.where(better, tile_idx, best_idx)
-        best_val = tl.where(better, tile_max, best_val)
+    best_tile = first // TILE
+    for start in range(first, last, TILE):
+        offs = start + tl.arange(0, TILE)
+        x = tl.load(logits_ptr + row * stride_row + offs, mask=offs < last, other=float("-inf")).to(tl.float32)
+        m = tl.max(x, axis=0)
+        # log2 of sum(2 ** (x * scale2)); a tile with nothing left (all -inf) scores -inf
+        m2 = tl.where(m == float("-inf"), 0.0, m * scale2)
+        lse = (m2 + tl.log2(tl.sum(tl.exp2(x * scale2 - m2), axis=0))) * 0.6931471805599453
+        tile = start // TILE
+        gumbel = _neg_log(_neg_log(_uniform(tile_key, tile), FAST_LOG), FAST_LOG)
+        score = tl.where(use_noise, lse + gumbel, m)
+        better = score > best_val  # strictly: on ties the lower tile (so the lower token id) wins
+        best_tile = tl.where(better, tile, best_tile)
+        best_val = tl.where(better, score, best_val)
     tl.store(best_val_ptr + row * MAX_CHUNKS + chunk, best_val)
-    tl.store(best_idx_ptr + row * MAX_CHUNKS + chunk, best_idx.to(tl.int64))
+    tl.store(best_tile_ptr + row * MAX_CHUNKS + chunk, best_tile)
 
 
 @triton.jit(do_not_specialize=["num_chunks"])
-def _gumbel_reduce_kernel(best_val_ptr, best_idx_ptr, out_ptr, num_chunks, MAX_CHUNKS: tl.constexpr,
-                          PDL: tl.constexpr):
+def _tile_draw_kernel(logits_ptr, stride_row, temps_ptr, seeds_ptr, positions_ptr, best_val_ptr, best_tile_ptr,
+                      out_ptr, vocab_size, num_chunks, MAX_CHUNKS: tl.constexpr, TILE: tl.constexpr,
+                      FAST_LOG: tl.constexpr, PDL: tl.constexpr):
+    # one program per row: the best chunk's tile, then Gumbel-max over that tile's tokens (argmax if T == 0)
     pdl_enter(PDL)
     row = tl.program_id(0)
-    offs = tl.arange(0, MAX_CHUNKS)
-    vals = tl.load(best_val_ptr + row * MAX_CHUNKS + offs, mask=offs < num_chunks, other=float("-inf"))
-    winner = tl.argmax(vals, axis=0)  # the first chunk holding the maximum: the lowest token id
-    tl.store(out_ptr + row, tl.load(best_idx_ptr + row * MAX_CHUNKS + winner))
+    offs_c = tl.arange(0, MAX_CHUNKS)
+    vals = tl.load(best_val_ptr + row * MAX_CHUNKS + offs_c, mask=offs_c < num_chunks, other=float("-inf"))
+    winner = tl.argmax(vals, axis=0)  # the first chunk holding the maximum: the lowest tile
+    tile = tl.load(best_tile_ptr + row * MAX_CHUNKS + winner)
+    temp = tl.load(temps_ptr + row)
+    key, _ = _row_keys(seeds_ptr, positions_ptr, row)
+    use_noise = temp > 0
+    inv_temp = tl.where(use_noise, 1.0 / tl.maximum(temp, 1e-30), 1.0)
+    offs = tile * TILE + tl.arange(0, TILE)
+    mask = offs < vocab_size
+    x = tl.load(logits_ptr + row * stride_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    gumbel = _neg_log(_neg_log(_uniform(key, offs), FAST_LOG), FAST_LOG)
+    score = tl.where(mask, tl.where(use_noise, x * inv_temp + gumbel, x), float("-inf"))
+    tl.store(out_ptr + row, (tl.argmax(score, axis=0) + tile * TILE).to(tl.int64))
 
 
 MAX_CHUNKS = 64
+SAMPLE_TILE = _SAMPLE_TILE  # the draw's tile width (part of the algorithm: the torch reference uses the same)
 
 
 def num_vocab_chunks(batch: int, vocab: int, block: int, num_sms: int) -> int:
@@ -98,30 +130,32 @@ def num_vocab_chunks(batch: int, vocab: int, block: int, num_sms: int) -> int:
 
 
 def gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor,
-                  positions: torch.Tensor, out: torch.Tensor = None) -> torch.Tensor:
-    """[B, V] logits -> [B] int64 token ids (no host sync; fixed grid).
+                  positions: torch.Tensor, out: torch.Tensor = None, tile: int = SAMPLE_TILE) -> torch.Tensor:
+    """[B, V] logits -> [B] int64 token ids (no host sync; fixed grid): workers.sampler's two-level draw.
 
-    Two launches: each (row, vocabulary chunk) program finds its chunk's best score, then one program
-    per row picks the best chunk. Splitting the vocabulary keeps the whole device busy at small batch,
-    where one program per row would stream 150k logits on a single SM."""
+    Two launches: each (row, vocabulary chunk) program scores its chunk's tiles (one exp per logit) and keeps
+    the best, then one program per row picks the best chunk's tile and draws within it. Splitting the
+    vocabulary keeps the whole device busy at small batch, where one program per row would stream 150k
+    logits on a single SM."""
     batch, vocab = logits.shape
     if out is None:
         out = torch.empty(batch, dtype=torch.int64, device=logits.device)
     if batch == 0:
         return out
+    assert tile & (tile - 1) == 0, f"tile {tile} must be a power of two"
     cuda = logits.is_cuda
     use_pdl = pdl.enabled(logits.device, "sampler")
-    block = 4096 if cuda else 256
-    chunks = num_vocab_chunks(batch, vocab, block, device_sms(logits.device) if cuda else 4)
-    tiles = -(-vocab // block)
+    chunks = num_vocab_chunks(batch, vocab, tile, device_sms(logits.device) if cuda else 4)
+    tiles = -(-vocab // tile)
     chunk_tiles = -(-tiles // chunks)  # every chunk a whole number of tiles
-    chunk_len, chunks = chunk_tiles * block, -(-tiles // chunk_tiles)
+    chunk_len, chunks = chunk_tiles * tile, -(-tiles // chunk_tiles)
     best_val = torch.empty(batch, MAX_CHUNKS, dtype=torch.float32, device=logits.device)
-    best_idx = torch.empty(batch, MAX_CHUNKS, dtype=torch.int64, device=logits.device)
-    _gumbel_partial_kernel[(batch, chunks)](logits, logits.stride(0), temperatures, seeds, positions, best_val,
-                                            best_idx, vocab, chunk_len, MAX_CHUNKS=MAX_CHUNKS, BLOCK=block,
-                                            FAST_LOG=cuda, PDL=use_pdl, num_warps=8 if cuda else 1,
-                                            launch_pdl=use_pdl)
-    _gumbel_reduce_kernel[(batch,)](best_val, best_idx, out, chunks, MAX_CHUNKS=MAX_CHUNKS, PDL=use_pdl, num_warps=1,
-                                    launch_pdl=use_pdl)
+    best_tile = torch.empty(batch, MAX_CHUNKS, dtype=torch.int32, device=logits.device)
+    _tile_scores_kernel[(batch, chunks)](logits, logits.stride(0), temperatures, seeds, positions, best_val,
+                                         best_tile, vocab, chunk_len, MAX_CHUNKS=MAX_CHUNKS, TILE=tile,
+                                         FAST_LOG=cuda, PDL=use_pdl, num_warps=8 if cuda else 1,
+                                         launch_pdl=use_pdl)
+    _tile_draw_kernel[(batch,)](logits, logits.stride(0), temperatures, seeds, positions, best_val, best_tile, out,
+                                vocab, chunks, MAX_CHUNKS=MAX_CHUNKS, TILE=tile, FAST_LOG=cuda, PDL=use_pdl,
+                                num_warps=8 if cuda else 1, launch_pdl=use_pdl)
     return out
