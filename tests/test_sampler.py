@@ -104,11 +104,11 @@ def test_triton_kernel_matches_torch(tile):
     assert torch.equal(got.cpu(), expected)
 
 
-@pytest.mark.parametrize("batch", [1, 3, 16])
-def test_triton_kernel_vocab_chunks_and_ties(batch):
-    """Rows split over several vocabulary chunks (small batch) or one (batch 16 on the CPU interpreter's
-    4 'SMs'), 128-token tiles: the same draw as torch, and on ties the lowest token id wins, as torch.argmax,
-    across tiles and chunks."""
+@pytest.mark.parametrize("batch,tile", [(1, 128), (3, 128), (16, 128), (3, 8)])
+def test_triton_kernel_vocab_chunks_and_ties(batch, tile):
+    """A chunk per tile (128-token tiles: 8 a row), or chunks of two tiles (8-token tiles: 125 a row, more
+    than MAX_CHUNKS): the same draw as torch, and on ties the lowest token id wins, as torch.argmax, across
+    tiles and chunks."""
     pytest.importorskip("triton")
     from workers.kernels.sampling import gumbel_argmax
 
@@ -121,9 +121,9 @@ def test_triton_kernel_vocab_chunks_and_ties(batch):
     temps[0] = 0.0
     seeds = torch.arange(batch, dtype=torch.int64) * 7919
     positions = torch.arange(batch, dtype=torch.int64)
-    expected = gumbel_argmax_reference(logits, temps, seeds, positions, tile=128)
+    expected = gumbel_argmax_reference(logits, temps, seeds, positions, tile=tile)
     assert expected[0] == 300
-    got = gumbel_argmax(logits.to(device), temps.to(device), seeds.to(device), positions.to(device), tile=128)
+    got = gumbel_argmax(logits.to(device), temps.to(device), seeds.to(device), positions.to(device), tile=tile)
     assert torch.equal(got.cpu(), expected)
 
 

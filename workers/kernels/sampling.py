@@ -15,7 +15,6 @@ import triton.language as tl
 
 from workers.kernels import pdl
 from workers.kernels.pdl import enter as pdl_enter
-from workers.kernels.triton_attention import device_sms
 from workers.sampler import SAMPLE_TILE as _SAMPLE_TILE
 from workers.sampler import TILE_SALT as _TILE_SALT
 
@@ -123,10 +122,12 @@ MAX_CHUNKS = 64
 SAMPLE_TILE = _SAMPLE_TILE  # the draw's tile width (part of the algorithm: the torch reference uses the same)
 
 
-def num_vocab_chunks(batch: int, vocab: int, block: int, num_sms: int) -> int:
-    """Chunks per row: enough programs to cover the device (~4 per SM) at small batch, each at least one
-    tile, at most MAX_CHUNKS. A function of shapes only, so the grid is fixed for a CUDA graph."""
-    return max(1, min(MAX_CHUNKS, -(-vocab // block), -(-4 * num_sms // max(batch, 1))))
+def num_vocab_chunks(vocab: int, tile: int) -> int:
+    """Chunks per row: one tile each (every program issues its whole tile's loads at once), at most
+    MAX_CHUNKS (a larger vocabulary gets chunks of several tiles). A function of shapes only, so the grid is
+    fixed for a CUDA graph. (Until 2026-12-02 about 4 programs per SM in all, i.e. several tiles a program
+    from batch 14 up: see docs/kernels.md, "Sampling".)"""
+    return max(1, min(MAX_CHUNKS, -(-vocab // tile)))
 
 
 def gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor,
@@ -134,9 +135,8 @@ def gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch
     """[B, V] logits -> [B] int64 token ids (no host sync; fixed grid): workers.sampler's two-level draw.
 
     Two launches: each (row, vocabulary chunk) program scores its chunk's tiles (one exp per logit) and keeps
-    the best, then one program per row picks the best chunk's tile and draws within it. Splitting the
-    vocabulary keeps the whole device busy at small batch, where one program per row would stream 150k
-    logits on a single SM."""
+    the best, then one program per row picks the best chunk's tile and draws within it. A chunk is one tile
+    up to MAX_CHUNKS tiles a row, so the loads of a whole row are in flight at once."""
     batch, vocab = logits.shape
     if out is None:
         out = torch.empty(batch, dtype=torch.int64, device=logits.device)
@@ -145,7 +145,7 @@ def gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch
     assert tile & (tile - 1) == 0, f"tile {tile} must be a power of two"
     cuda = logits.is_cuda
     use_pdl = pdl.enabled(logits.device, "sampler")
-    chunks = num_vocab_chunks(batch, vocab, tile, device_sms(logits.device) if cuda else 4)
+    chunks = num_vocab_chunks(vocab, tile)
     tiles = -(-vocab // tile)
     chunk_tiles = -(-tiles // chunks)  # every chunk a whole number of tiles
     chunk_len, chunks = chunk_tiles * tile, -(-tiles // chunk_tiles)
