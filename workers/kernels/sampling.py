@@ -46,7 +46,7 @@ TILE_SALT = tl.constexpr(_TILE_SALT)  # the tile noise's key: hash(key ^ TILE_SA
 
 @triton.jit
 def _uniform(key, idx):
-    # U in (0, 1) from (key, idx): the same as workers.sampler._uniform
+    # U in (0, 1) from (key, idx): the same bits as workers.sampler._gumbel
     bits = _hash32(_hash32(key ^ idx.to(tl.uint32)) ^ key)
     return ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
 
@@ -60,7 +60,7 @@ def _row_keys(seeds_ptr, positions_ptr, row):
     return key, _hash32(key ^ TILE_SALT)
 
 
-# chunk counts and lengths follow the batch size: left unspecialized so no batch size compiles a new variant
+# the chunk length (a multiple of the tile) left unspecialized: one compiled variant whatever the vocabulary
 @triton.jit(do_not_specialize=["chunk_len"])
 def _tile_scores_kernel(logits_ptr, stride_row, temps_ptr, seeds_ptr, positions_ptr, best_val_ptr, best_tile_ptr,
                         vocab_size, chunk_len, MAX_CHUNKS: tl.constexpr, TILE: tl.constexpr,
