@@ -46,6 +46,18 @@ def test_two_level_draw_follows_the_softmax(tile):
     assert torch.allclose(freq, expected, atol=0.008), (freq, expected)
 
 
+def test_noise_is_finite_at_the_extreme_hashes():
+    """The hash's extreme outputs map strictly inside (0, 1) in float32, so the Gumbel noise is finite: no
+    token can be drawn whatever its probability (float64 bounds, computed independently)."""
+    from workers.sampler import uniform_from_bits
+
+    bits = torch.tensor([0, 511, 512, 2**31, 2**32 - 512, 2**32 - 1], dtype=torch.int64)
+    u = uniform_from_bits(bits)
+    assert (u > 0).all() and (u < 1).all()
+    assert u[-1].item() == 1 - 2.0**-24 and u[0].item() == 2.0**-24
+    assert torch.isfinite(-torch.log(-torch.log(u))).all()
+
+
 def test_greedy_and_truncation():
     logits = torch.tensor([[0.1, 3.0, 2.9, -5.0, 1.0]])
     assert sample(logits, batch_of(1, temperature=0)).item() == 1

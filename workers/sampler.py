@@ -42,11 +42,16 @@ def _keys(seeds: torch.Tensor, positions: torch.Tensor):
     return key, _hash32(key ^ TILE_SALT)
 
 
+def uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """A hash's 32 bits -> U in (0, 1), never 0 or 1 in float32: (23 high bits + 0.5) / 2**23. (With 24 bits,
+    (2**24 - 0.5) / 2**24 rounds to 1.0 in float32, and -log(-log(1)) is +inf: until 2026-12-02 one token in
+    2**24 got infinite noise, i.e. was drawn whatever its probability.)"""
+    return ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
+
+
 def _gumbel(key: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Gumbel(0, 1) noise, a pure function of (key [B, 1], id [B, N])."""
-    bits = _hash32(_hash32(key ^ ids) ^ key)
-    uniform = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
-    return -torch.log(-torch.log(uniform))
+    return -torch.log(-torch.log(uniform_from_bits(_hash32(_hash32(key ^ ids) ^ key))))
 
 
 def gumbel_argmax_reference(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor,

@@ -48,7 +48,7 @@ TILE_SALT = tl.constexpr(_TILE_SALT)  # the tile noise's key: hash(key ^ TILE_SA
 def _uniform(key, idx):
     # U in (0, 1) from (key, idx): the same bits as workers.sampler._gumbel
     bits = _hash32(_hash32(key ^ idx.to(tl.uint32)) ^ key)
-    return ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    return ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)  # never 0 or 1: workers.sampler.uniform_from_bits
 
 
 @triton.jit
