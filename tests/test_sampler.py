@@ -97,7 +97,7 @@ def test_same_seed_same_draw_whatever_the_batch():
 @pytest.mark.parametrize("tile", [None, 128])
 def test_triton_kernel_matches_torch(tile):
     """The kernels draw what the torch reference draws, at the engine's tile width and at 128 (8 tiles on
-    the CPU's vocabulary of 1000, several tiles a chunk)."""
+    the CPU's vocabulary of 1000)."""
     pytest.importorskip("triton")
     from workers.kernels.sampling import gumbel_argmax
     from workers.sampler import SAMPLE_TILE
