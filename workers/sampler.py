@@ -72,8 +72,8 @@ def gumbel_argmax_reference(logits: torch.Tensor, temperatures: torch.Tensor, se
     chosen = tile_scores.argmax(dim=-1)  # [B]
     ids = chosen[:, None] * tile + torch.arange(tile, device=logits.device, dtype=torch.int64)[None, :]
     xt = x[torch.arange(batch, device=logits.device), chosen]  # [B, tile]
+    # the padding past the vocabulary is -inf, and stays -inf: the noise is finite
     scores = torch.where(sampling[:, None], xt * inv_temp[:, None] + _gumbel(key[:, None], ids), xt)
-    scores = torch.where(ids < vocab, scores, float("-inf"))
     return chosen * tile + scores.argmax(dim=-1)
 
 

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from workers.kernels import pdl
 from workers.kernels.pdl import enter as pdl_enter
-from workers.sampler import SAMPLE_TILE as _SAMPLE_TILE
+from workers.sampler import SAMPLE_TILE  # the draw's tile width: part of the algorithm, shared with the reference
 from workers.sampler import TILE_SALT as _TILE_SALT
 
 
@@ -114,12 +114,11 @@ def _tile_draw_kernel(logits_ptr, stride_row, temps_ptr, seeds_ptr, positions_pt
     mask = offs < vocab_size
     x = tl.load(logits_ptr + row * stride_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
     gumbel = _neg_log(_neg_log(_uniform(key, offs), FAST_LOG), FAST_LOG)
-    score = tl.where(mask, tl.where(use_noise, x * inv_temp + gumbel, x), float("-inf"))
+    score = tl.where(use_noise, x * inv_temp + gumbel, x)  # columns past the vocabulary stay -inf (finite noise)
     tl.store(out_ptr + row, (tl.argmax(score, axis=0) + tile * TILE).to(tl.int64))
 
 
 MAX_CHUNKS = 64
-SAMPLE_TILE = _SAMPLE_TILE  # the draw's tile width (part of the algorithm: the torch reference uses the same)
 
 
 def num_vocab_chunks(vocab: int, tile: int) -> int:
