@@ -1,6 +1,6 @@
 """GPU only, exploratory: candidate kernels against what the engine runs (the engine does not import this).
 
-    python scripts/probe.py [--json out.json] [--only small,attn,split1,blocks,dgemm,lmhead,qkvrope,prefill,sampler]
+    python scripts/probe.py [--json out.json] [--only small,attn,split1,blocks,dgemm,lmhead,qkvrope,prefill,prefillpack,sampler]
 
 - small: workers.kernels.small_linear against cuBLAS at 1-4 rows (and cuBLAS at 8), per Qwen3-0.6B layer GEMM;
 - attn: the decode kernel over splits (1, 2 and the rule's S, S / 2, 2 S) x tile x stages (4 warps) at
@@ -13,6 +13,8 @@
 - lmhead: the LM head at 8-64 rows, cuBLAS against decode_gemm's tiles;
 - prefill: the Triton prefill attention over BLOCK_M x BLOCK_N x warps x stages at one of bench.py's prefill
   steps (prompts U[100, 1024] up to 16,384 tokens, no cached prefix), in causal TFLOP/s;
+- prefillpack: prefill tiles packing a KV head's query-head group against a tile per q head, at that step
+  and at the decode rows riding along in chunked-prefill steps (there also against the decode kernel);
 - qkvrope: decode_gemm.qkv_rope (the q/k/v projection with q/k norm, rotary and the K/V cache write fused)
   over its row-tile sizes, against the projection as parallel.layers._linear runs it + fused.qk_norm_rope
   (PROBE_ROWS: the batch sizes, comma-separated);
@@ -301,6 +303,55 @@ def probe_prefill(bw, results):
     del caches
 
 
+def probe_prefill_packed(bw, results):
+    """Prefill tiles holding one q head against tiles packing a KV head's query-head group (K/V loaded once
+    for the group): one of bench.py's prefill steps (long prompts), and the decode rows that ride along in
+    its chunked-prefill steps (q_len 1, contexts 500-1100), there also against the decode kernel."""
+    dev = torch.device("cuda")
+    rng = random.Random(0)
+    lens = []
+    while sum(lens) < 16384:
+        lens.append(min(rng.randint(100, 1024), 16384 - sum(lens)))
+    caches, table, ctx = paged_caches(lens, dev, 1024 // BLOCK)
+    cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=dev)
+    q = torch.randn(sum(lens), HQ, D, device=dev, dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    flops = sum(n * n for n in lens) * 2 * D * HQ
+    print(f"\n== prefill, {len(lens)} prompts, {sum(lens)} tokens: us/layer (causal TFLOP/s)")
+    configs = [(False, None)] + [(True, (bm, bn, w, st)) for bm in (64, 128) for bn in (32, 64)
+                                 for w in (4, 8) for st in (2, 3)]
+    for pack, cfg in configs:
+        try:
+            t = graph_time(lambda i: ta._prefill_launch(q, *caches[i], cu, ctx, table, 0.088, max(lens), out,
+                                                        config=cfg, pack=pack))
+        except Exception as e:  # noqa: BLE001
+            print(f"   pack {pack} {cfg}: {type(e).__name__} {str(e)[:60]}")
+            continue
+        print(f"   pack {pack!s:5} {cfg or 'default'}: {t * 1e6:7.1f} us ({flops / t / 1e12:5.0f} TFLOP/s)")
+        results["prefill_packed"].append(dict(case="prompts", pack=pack, config=cfg, seconds=t))
+    del caches
+    for batch in (32, 128, 230):
+        rows = [rng.randint(500, 1100) for _ in range(batch)]
+        caches, table, ctx = paged_caches(rows, dev, 1200 // BLOCK + 1)
+        cu = torch.arange(batch + 1, dtype=torch.int32, device=dev)
+        q = torch.randn(batch, HQ, D, device=dev, dtype=torch.bfloat16)
+        out = torch.empty_like(q)
+        kv_bytes = sum(rows) * HKV * D * 2 * 2
+        print(f"\n== decode rows of a prefill step, batch {batch}, contexts 500-1100: us/layer (% of copy bandwidth)")
+        runs = [("prefill, tile per q head (default)", lambda i: ta._prefill_launch(
+                    q, *caches[i], cu, ctx, table, 0.088, 1, out, pack=False))]
+        for bn, st in ((64, 2), (64, 3), (128, 2), (128, 3)):
+            runs.append((f"prefill, packed (16, {bn}, 4, {st})", lambda i, c=(16, bn, 4, st): ta._prefill_launch(
+                q, *caches[i], cu, ctx, table, 0.088, 1, out, config=c, pack=True)))
+        runs.append(("decode kernel (its rule)", lambda i: ta.paged_decode_attention(
+            q, *caches[i], table, ctx, 0.088, out=out)))
+        for name, fn in runs:
+            t = graph_time(fn)
+            print(f"   {name}: {t * 1e6:7.1f} us ({100 * kv_bytes / t / bw:5.1f} %)")
+            results["prefill_packed"].append(dict(case=f"decode rows {batch}", name=name, seconds=t))
+        del caches
+
+
 def probe_sampler(bw, results):
     """workers.kernels.sampling.gumbel_argmax (temperature 0.6) at batch 1-256 over Qwen3's vocabulary."""
     from workers.kernels.sampling import gumbel_argmax
@@ -381,7 +432,7 @@ def main():
     bw = measure_copy_bandwidth()
     print(f"copy bandwidth {bw / 1e9:,.0f} GB/s")
     results = {"copy_bandwidth": bw, "attention": [], "decode_gemm": [], "small_linear": [], "qkv_rope": [], "prefill": [], "sampler": [],
-               "single_split": [], "lm_head": [], "blocks": []}
+               "single_split": [], "lm_head": [], "blocks": [], "prefill_packed": []}
     parts = args.only.split(",")
     t0 = time.time()
     for part, fn in (("small", lambda: probe_small_linear(bw, results)), ("attn", lambda: probe_attention(bw, results)),
@@ -391,6 +442,7 @@ def main():
                      ("lmhead", lambda: probe_lm_head(bw, results)),
                      ("qkvrope", lambda: probe_qkv_rope(bw, results)),
                      ("prefill", lambda: probe_prefill(bw, results)),
+                     ("prefillpack", lambda: probe_prefill_packed(bw, results)),
                      ("sampler", lambda: probe_sampler(bw, results))):
         if part in parts:
             fn()

@@ -18,6 +18,7 @@ triton = pytest.importorskip("triton")
 
 from workers.kernels.triton_attention import (  # noqa: E402
     _decode_config,
+    _prefill_launch,
     choose_num_splits,
     has_single_split_variant,
     paged_decode_attention,
@@ -308,9 +309,10 @@ def test_choose_num_splits():
 
 
 def _run_prefill_case(dtype, group, head_dim, block_size, seqs, num_kv_heads=2, seed=0, strided_q=False,
-                      max_seqlen_q=None, extra_kv=(), grouped=False):
+                      max_seqlen_q=None, extra_kv=(), grouped=False, pack=None):
     """seqs: list of (q_len, context_len). extra_kv: per sequence, tokens already in the cache beyond
-    context_len (e.g. a later chunk's K/V): they must be ignored."""
+    context_len (e.g. a later chunk's K/V): they must be ignored. pack: force tiles that pack a KV head's
+    query-head group (True) or one q head a tile (False); None: the default."""
     gen = _gen(seed)
     extra = list(extra_kv) or [0] * len(seqs)
     kv = PagedKV([c + e for (_, c), e in zip(seqs, extra)], num_kv_heads, head_dim, block_size, dtype, gen)
@@ -332,8 +334,13 @@ def _run_prefill_case(dtype, group, head_dim, block_size, seqs, num_kv_heads=2, 
         groups = prefill_seq_groups(q_lens)
         assert groups is not None
         seq_groups = [(torch.tensor(ids, dtype=torch.int32, device=DEVICE), m) for ids, m in groups]
-    out = paged_prefill_attention(q, kv.k_cache, kv.v_cache, cu, context_lens, kv.block_tables, scale, max_seqlen_q,
-                                  seq_groups=seq_groups)
+    if pack is None:
+        out = paged_prefill_attention(q, kv.k_cache, kv.v_cache, cu, context_lens, kv.block_tables, scale,
+                                      max_seqlen_q, seq_groups=seq_groups)
+    else:
+        assert seq_groups is None
+        out = _prefill_launch(q, kv.k_cache, kv.v_cache, cu, context_lens, kv.block_tables, scale, max_seqlen_q,
+                              pack=pack)
     refs = []
     start = 0
     for b, (ql, c) in enumerate(seqs):
@@ -365,6 +372,17 @@ def test_prefill_strided_q_zero_len_and_oversized_grid(dtype):
     # strided q, a sequence with no new tokens, and max_seqlen_q larger than needed
     seqs = [(17, 17), (0, 12), (6, 33)]
     _run_prefill_case(dtype, 2, 128, 32, seqs, seed=9, strided_q=True, max_seqlen_q=64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pack", [False, True])
+@pytest.mark.parametrize("group,head_dim,block_size", [(1, 64, 16), (2, 128, 16), (3, 64, 32), (8, 64, 8)])
+def test_prefill_tiles_with_and_without_packed_heads(dtype, pack, group, head_dim, block_size):
+    # both tile layouts, whatever the default: a tile per q head, and a tile per KV head holding its
+    # query-head group (GROUP 3 pads to 4 heads a token; rows of the padding head are never stored).
+    # Prompts with and without a cached prefix, decode rows, a chunk crossing several tiles.
+    seqs = [(5, 5), (23, 61), (1, 30), (70, 70), (9, 9 + 2 * block_size), (1, 1), (40, 200)]
+    _run_prefill_case(dtype, group, head_dim, block_size, seqs, seed=group * 7 + block_size, pack=pack)
 
 
 def test_prefill_seq_groups():

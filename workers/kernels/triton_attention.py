@@ -467,11 +467,15 @@ def _prefill_kernel(
     stride_bt_b,
     stride_ot, stride_oh, stride_od,
     qk_scale,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS_PER_TILE: tl.constexpr, HEADS_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, IEEE: tl.constexpr, HAS_SEQ_IDS: tl.constexpr,
 ):
-    h = tl.program_id(0)
+    # A tile of BLOCK_M query rows = BLOCK_M // HEADS_PAD tokens x HEADS_PAD heads (row r: token r // HEADS_PAD,
+    # head r % HEADS_PAD of the program's HEADS_PER_TILE). HEADS_PER_TILE = GROUP packs a KV head's whole
+    # query-head group into one tile, so each K/V tile loaded serves all of them; 1 gives a tile per q head.
+    TOKENS: tl.constexpr = BLOCK_M // HEADS_PAD
+    head0 = tl.program_id(0) * HEADS_PER_TILE
     # Largest query tiles (most KV work under the causal mask) are launched first.
     mblk = tl.num_programs(1) - 1 - tl.program_id(1)
     if HAS_SEQ_IDS:  # this launch covers only the sequences listed in SeqIds
@@ -481,22 +485,24 @@ def _prefill_kernel(
 
     q_start = tl.load(CuSeqlensQ + pid_b)
     q_len = tl.load(CuSeqlensQ + pid_b + 1) - q_start
-    m_start = mblk * BLOCK_M
+    m_start = mblk * TOKENS  # first token of the tile
     if m_start >= q_len:
         return
     ctx = tl.load(ContextLens + pid_b)
-    prefix = ctx - q_len  # KV position of query row 0
+    prefix = ctx - q_len  # KV position of query token 0
 
-    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_m = m_start + offs_r // HEADS_PAD  # each row's token
+    heads = head0 + offs_r % HEADS_PAD
     offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < q_len
+    mask_m = (offs_m < q_len) & (offs_r % HEADS_PAD < HEADS_PER_TILE)
     mask_d = offs_d < HEAD_DIM
     rows = (q_start + offs_m).to(tl.int64)
-    q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :] * stride_qd,
+    q = tl.load(Q + rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     q_pos = prefix + offs_m  # rows past q_len get positions >= ctx: they see all of [0, ctx) harmlessly
 
-    kvh = h // GROUP
+    kvh = head0 // GROUP
     bt_row = BlockTables + pid_b.to(tl.int64) * stride_bt_b
     k_base = KCache + kvh * stride_k_h
     v_base = VCache + kvh * stride_v_h
@@ -505,40 +511,57 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    # Positions [0, full_end) are visible to every row of the tile (<= the first row's position,
+    # Positions [0, full_end) are visible to every row of the tile (<= the first token's position,
     # and < ctx): no masking. full_end is a multiple of BLOCK_N.
     full_end = ((prefix + m_start + 1) // BLOCK_N) * BLOCK_N
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _attn_tile(q, acc, l_i, m_i, k_base, v_base, bt_row, start_n, ctx, qk_scale, q_pos,
                                    stride_k_slot, stride_v_slot, offs_d, mask_d,
                                    BLOCK_SIZE, BLOCK_N, False, False, IEEE)
-    # Diagonal tiles: causal mask, up to the last row's position (and < ctx). Every row has already
+    # Diagonal tiles: causal mask, up to the last token's position (and < ctx). Every row has already
     # seen position 0 (full_end > 0) or sees it in the first tile here, so m_i stays finite.
-    kv_end = tl.minimum(prefix + m_start + BLOCK_M, ctx)
+    kv_end = tl.minimum(prefix + m_start + TOKENS, ctx)
     for start_n in range(full_end, kv_end, BLOCK_N):
         acc, l_i, m_i = _attn_tile(q, acc, l_i, m_i, k_base, v_base, bt_row, start_n, kv_end, qk_scale, q_pos,
                                    stride_k_slot, stride_v_slot, offs_d, mask_d,
                                    BLOCK_SIZE, BLOCK_N, True, True, IEEE)
 
     o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    tl.store(Out + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :] * stride_od,
+    tl.store(Out + rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
              o.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
 
-def _prefill_config(max_seqlen_q: int, block_d: int):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the prefill kernel.
+def _prefill_config(max_seqlen_q: int, block_d: int, heads_pad: int = 1):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the prefill kernel; BLOCK_M counts query rows, i.e.
+    tokens x heads_pad when a tile packs a query-head group (_prefill_packs).
 
-    Queries of up to 64 rows: one tile of the next power of two rows (>= 16), 64-token K/V tiles, 2 stages.
-    Longer ones: (64, 32, 4 warps, 2 stages). On an H200 (bf16, Hq=16/Hkv=8/D=128; docs/benchmarks.md) that
-    ran one of bench.py's prefill steps at 212.6 us a layer against 262.2 with the earlier (128, 64, 4, 3),
-    and bench.py's prefill steps took 38.4 ms against 40.2-40.9 (same call, 2026-12-01); 8 warps and
-    128-token K/V tiles were slower everywhere. Head dims above 128 take 32-token K/V tiles at any length
-    (shared memory).
+    Up to 16 rows (decode rows riding along in a chunked-prefill step: one token x the group's heads):
+    (16, 128, 4, 2), streaming the context in long tiles as the decode kernel does. Up to 64 rows: one
+    tile of the next power of two rows, 64-token K/V tiles. Longer: (64, 32, 4, 2). H200 (bf16,
+    Hq=16/Hkv=8/D=128, `scripts/probe.py --only prefill,prefillpack`; docs/kernels.md): one of bench.py's
+    prefill steps 205.4 us a layer packed at (64, 32, 4, 2), 212.3 with a tile per q head at the same
+    config, 262.2 at the earlier (128, 64, 4, 3); 8 warps were slower everywhere. 128 decode rows of
+    500-1100 tokens: 106.8 us packed at (16, 128, 4, 2), 112.3 at (16, 64, 4, 2), 139.0 unpacked. Head dims
+    above 128 take 32-token K/V tiles at any length (shared memory).
     """
-    block_m = min(64, max(16, triton.next_power_of_2(max(1, max_seqlen_q))))
-    if block_d > 128 or max_seqlen_q > 64:
+    rows = max(1, max_seqlen_q) * heads_pad
+    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    if block_d > 128:
+        return block_m, 32, 4, 2
+    if rows <= 16:
+        return block_m, 128, 4, 2
+    if rows > 64:
         return block_m, 32, 4, 2
     return block_m, 64, 4, 2
+
+
+def _prefill_packs(max_seqlen_q: int, group: int) -> bool:
+    """Whether prefill tiles pack a KV head's query-head group (see _prefill_kernel), so that each K/V
+    tile loaded serves the whole group: when the group fills its padded tile rows (a power of two), or
+    when the queries are decode-like (<= 16 rows packed), where the K/V reads are the whole cost."""
+    if group <= 1:
+        return False
+    return group & (group - 1) == 0 or max_seqlen_q * triton.next_power_of_2(group) <= 16
 
 
 # Sequences with at most this many new tokens (decode rows riding along in a chunked-prefill step) get a
@@ -586,9 +609,11 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 
 def _prefill_launch(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q,
-                    out=None, config=None, seq_ids=None):
-    """paged_prefill_attention with the tuning knobs exposed: config = (block_m, block_n, warps, stages);
-    seq_ids: only these sequences (an int32 device tensor), else all."""
+                    out=None, config=None, seq_ids=None, pack=None):
+    """paged_prefill_attention with the tuning knobs exposed: config = (block_m, block_n, warps, stages)
+    (block_m counts query rows: tokens x heads a tile); pack: whether a tile holds a KV head's whole
+    query-head group (None: the default for this query length); seq_ids: only these sequences (an int32
+    device tensor), else all."""
     _check_cache(k_cache, v_cache)
     total, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
@@ -609,12 +634,18 @@ def _prefill_launch(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_table
 
     group = num_q_heads // num_kv_heads
     block_d = triton.next_power_of_2(head_dim)
-    block_m, block_n, num_warps, num_stages = config or _prefill_config(max_seqlen_q, block_d)
+    if pack is None:
+        pack = _prefill_packs(max_seqlen_q, group)
+    heads_per_tile = group if pack else 1
+    heads_pad = triton.next_power_of_2(heads_per_tile)
+    block_m, block_n, num_warps, num_stages = config or _prefill_config(max_seqlen_q, block_d, heads_pad)
+    assert block_m % heads_pad == 0, f"a tile of {block_m} rows cannot hold {heads_pad} heads"
     if seq_ids is not None:
         assert seq_ids.dtype == torch.int32 and seq_ids.dim() == 1, "seq_ids must be a 1-D int32 tensor"
         if seq_ids.numel() == 0:
             return out
-    grid = (num_q_heads, triton.cdiv(max_seqlen_q, block_m), batch if seq_ids is None else seq_ids.numel())
+    grid = (num_q_heads // heads_per_tile, triton.cdiv(max_seqlen_q, block_m // heads_pad),
+            batch if seq_ids is None else seq_ids.numel())
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out,
         seq_ids if seq_ids is not None else cu_seqlens_q,
@@ -623,7 +654,8 @@ def _prefill_launch(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_table
         block_tables.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
         scale * _LOG2E,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=block_n,
+        GROUP=group, HEAD_DIM=head_dim, HEADS_PER_TILE=heads_per_tile, HEADS_PAD=heads_pad,
+        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=block_n,
         BLOCK_SIZE=block_size, IEEE=q.dtype == torch.float32, HAS_SEQ_IDS=seq_ids is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
