@@ -111,6 +111,11 @@ def _serve_steps(channel: WorkerChannel, runner, rank: int, parent_pid: int) -> 
     profile_window = tuple(int(s) for s in os.environ.get("NANOVLLM_PROFILE_STEPS", "300,330").split(","))
     cprofile_dir = os.environ.get("NANOVLLM_CPROFILE_DIR")  # profiling aid: Python profile of steps 100-1000
     torch_profiler, python_profiler, step = None, None, 0
+    if os.environ.get("NANOVLLM_SYNC_DEBUG") and runner.device.type == "cuda":
+        # profiling aid: torch warns at every operation that makes the host wait for the device (beyond
+        # the one wait per step, which is on an event and not reported); warm-up and capture are done
+        import torch
+        torch.cuda.set_sync_debug_mode("warn")
     while True:
         step += 1
         if profile_dir and step in profile_window:  # a window of steps, device and host side

@@ -1,0 +1,186 @@
+"""End to end on CPU: LLM(...) against transformers, at tensor_parallel_size 1 and 2 (gloo workers)."""
+
+import random
+
+import pytest
+
+from conftest import hf_greedy
+from nanovllm import LLM, SamplingParams
+
+NUM_PROMPTS = 16
+MAX_TOKENS = 12
+GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+
+def make_prompts(n=NUM_PROMPTS, seed=0, vocab=512, lo=2, hi=60):
+    rng = random.Random(seed)
+    return [[rng.randrange(1, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+PROMPTS = make_prompts()  # lengths 2..60 with block size 16: many span several blocks
+
+
+@pytest.fixture(scope="module")
+def references(tiny_models):
+    return {arch: hf_greedy(path, PROMPTS, MAX_TOKENS) for arch, path in tiny_models.items()}
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama", "llama3-scaled", "llama-uneven"])
+def test_greedy_matches_transformers(tiny_models, references, arch, tp):
+    with LLM(tiny_models[arch], tensor_parallel_size=tp, dtype="float32", kvcache_block_size=16) as llm:
+        outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert [o.prompt_token_ids for o in outs] == PROMPTS
+    assert [o.token_ids for o in outs] == references[arch]
+    assert all(o.finish_reason == "length" for o in outs)
+    m = outs[0].metrics
+    assert m["arrival_time"] <= m["first_token_time"] <= m["finished_time"]
+
+
+def test_preemption_chunked_prefill_and_prefix_cache(tiny_models, references):
+    """A pool too small for the batch (preemption), a small token budget (chunked prefill), then a second
+    pass over prompts sharing a long prefix (prefix-cache hits): outputs stay identical to transformers."""
+    path = tiny_models["qwen3"]
+    with LLM(path, tensor_parallel_size=2, dtype="float32", kvcache_block_size=16, num_gpu_blocks_override=12,
+             max_num_batched_tokens=40, max_model_len=128) as llm:
+        outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+        engine = llm.llm_engine
+        assert engine.scheduler.num_preemptions > 0
+        assert [o.token_ids for o in outs] == references["qwen3"]
+
+        prefix = make_prompts(1, seed=5, lo=48, hi=48)[0]
+        shared = [prefix + tail for tail in make_prompts(4, seed=6, lo=3, hi=9)]
+        first = llm.generate(shared[:1], GREEDY, use_tqdm=False)
+        hits_before = engine.block_manager.prefix_cache_hits
+        rest = llm.generate(shared[1:], GREEDY, use_tqdm=False)
+        assert engine.block_manager.prefix_cache_hits - hits_before >= 3 * 48
+        assert all(o.num_cached_tokens == 48 for o in rest)
+        llm.reset_prefix_cache()
+        [again] = llm.generate(shared[:1], GREEDY, use_tqdm=False)
+        assert again.num_cached_tokens == 0 and again.token_ids == first[0].token_ids
+    assert [o.token_ids for o in first + rest] == hf_greedy(path, shared, MAX_TOKENS)
+
+
+def test_repetition_penalty_matches_transformers(tiny_models):
+    from transformers import AutoModelForCausalLM
+    import torch
+
+    path = tiny_models["llama"]
+    prompts = make_prompts(4, seed=3)
+    with LLM(path, dtype="float32") as llm:
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True,
+                                                    repetition_penalty=1.5), use_tqdm=False)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    for ids, out in zip(prompts, outs):
+        x = torch.tensor([ids])
+        y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=10, min_new_tokens=10,
+                           do_sample=False, repetition_penalty=1.5, pad_token_id=0)
+        assert out.token_ids == y[0, len(ids):].tolist()
+
+
+SAMPLED = [SamplingParams(temperature=0.8, top_k=20, top_p=0.9, max_tokens=10, ignore_eos=True, seed=1000 + i)
+           for i in range(6)]
+
+
+def test_seeded_sampling_is_reproducible_across_batches_and_tp(tiny_models):
+    path = tiny_models["qwen3"]
+    prompts = make_prompts(6, seed=9)
+    filler = make_prompts(5, seed=10)
+    with LLM(path, dtype="float32") as llm:
+        alone = llm.generate(prompts, SAMPLED, use_tqdm=False)
+        again = llm.generate(prompts, SAMPLED, use_tqdm=False)
+        # the same requests in reverse order, mixed with unrelated unseeded ones
+        mixed = llm.generate(filler + prompts[::-1],
+                             [SamplingParams(temperature=1.0, max_tokens=7)] * 5 + SAMPLED[::-1], use_tqdm=False)
+    with LLM(path, dtype="float32", tensor_parallel_size=2) as llm:
+        tp2 = llm.generate(prompts, SAMPLED, use_tqdm=False)
+    tokens = [o.token_ids for o in alone]
+    assert [o.token_ids for o in again] == tokens
+    assert [o.token_ids for o in mixed[5:]][::-1] == tokens
+    assert [o.token_ids for o in tp2] == tokens
+    # and sampling is really sampling: different seeds give different continuations
+    assert len({tuple(t) for t in tokens}) > 1
+    greedy = [o.token_ids for o in LLM_greedy(path, prompts)]
+    assert tokens != greedy
+
+
+def LLM_greedy(path, prompts):
+    with LLM(path, dtype="float32") as llm:
+        return llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)
+
+
+def test_text_prompts_stops_and_min_tokens(tiny_models):
+    path = tiny_models["qwen2"]
+    with LLM(path, dtype="float32") as llm:
+        tok = llm.get_tokenizer()
+        [free] = llm.generate("Hello world", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+                              use_tqdm=False)
+        assert free.prompt_token_ids == tok.encode("Hello world")
+        assert free.text == tok.decode(free.token_ids, skip_special_tokens=True)
+        # stop on a token id: cut right there, finish_reason "stop"
+        stop_at = free.token_ids[4]
+        [out] = llm.generate("Hello world", SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_at]),
+                             use_tqdm=False)
+        assert out.finish_reason == "stop" and out.token_ids == free.token_ids[:free.token_ids.index(stop_at) + 1]
+        # stop on a string: the text ends before it
+        target = free.text[len(free.text) // 2:][:3]
+        if target.strip():
+            [out] = llm.generate("Hello world", SamplingParams(temperature=0, max_tokens=20, stop=[target]),
+                                 use_tqdm=False)
+            assert out.finish_reason == "stop" and target not in out.text
+            assert free.text.startswith(out.text)
+        # min_tokens keeps EOS (token 0) from ending the request early
+        [out] = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=8, min_tokens=8,
+                                                         stop_token_ids=[stop_at]), use_tqdm=False)
+        assert len(out.token_ids) == 8 and stop_at not in out.token_ids[:7]
+
+
+def test_abort(tiny_models):
+    with LLM(tiny_models["qwen3"], dtype="float32") as llm:
+        engine = llm.llm_engine
+        engine.add_request("a", [1, 2, 3], SamplingParams(max_tokens=50, ignore_eos=True))
+        engine.add_request("b", [4, 5, 6], SamplingParams(max_tokens=3, ignore_eos=True))
+        engine.step()
+        aborted = engine.abort_request("a")
+        assert aborted.finish_reason == "abort"
+        done = []
+        while engine.has_unfinished_requests():
+            done += engine.step()[0]
+        assert [o.request_id for o in done] == ["b"]
+        assert engine.block_manager.num_free_blocks == len(engine.block_manager.blocks)
+
+
+def test_prefix_caching_can_be_disabled(tiny_models):
+    prompt = make_prompts(1, seed=5, lo=40, hi=40)
+    with LLM(tiny_models["qwen3"], dtype="float32", enable_prefix_caching=False) as llm:
+        llm.generate(prompt, GREEDY, use_tqdm=False)
+        [out] = llm.generate(prompt, GREEDY, use_tqdm=False)
+        assert out.num_cached_tokens == 0 and llm.llm_engine.block_manager.prefix_cache_hits == 0
+
+
+def test_logprobs_match_transformers(tiny_models):
+    """The sampled token's logprob and the top-3 alternatives equal log_softmax of transformers' logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_models["qwen2"]
+    prompts = make_prompts(3, seed=21)
+    params = [SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=3),
+              SamplingParams(temperature=0.9, max_tokens=5, ignore_eos=True, logprobs=0, seed=4),
+              SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)]
+    with LLM(path, dtype="float32", tensor_parallel_size=2) as llm:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    assert outs[2].logprobs is None
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    for out, k in zip(outs[:2], (3, 0)):
+        ids = torch.tensor([out.prompt_token_ids + out.token_ids])
+        with torch.no_grad():
+            ref = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
+        n = len(out.prompt_token_ids)
+        assert len(out.logprobs) == len(out.token_ids) == 5
+        for i, (token, entry) in enumerate(zip(out.token_ids, out.logprobs)):
+            row = ref[n - 1 + i]
+            assert abs(entry[token] - row[token].item()) < 1e-4
+            top = row.topk(k).indices.tolist() if k else []
+            assert set(entry) == set(top) | {token}
+        assert abs(out.cumulative_logprob - sum(e[t] for e, t in zip(out.logprobs, out.token_ids))) < 1e-9
