@@ -269,18 +269,24 @@ def probe_lm_head(bw, results):
     del ws
 
 
-def probe_prefill(bw, results):
-    dev = torch.device("cuda")
-    rng = random.Random(0)
+def _prefill_step(dev, rng):
+    """One of bench.py's prefill steps: prompts U[100, 1024] up to 16,384 tokens, no cached prefix, in
+    caches of 28 layers; (lens, caches, block table, context lens, cu_seqlens, q, out, causal flops)."""
     lens = []
     while sum(lens) < 16384:
         lens.append(min(rng.randint(100, 1024), 16384 - sum(lens)))
     caches, table, ctx = paged_caches(lens, dev, 1024 // BLOCK)
     cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=dev)
     q = torch.randn(sum(lens), HQ, D, device=dev, dtype=torch.bfloat16)
-    out = torch.empty_like(q)
     flops = sum(n * n for n in lens) * 2 * D * HQ  # causal: QK^T and PV over half of each L x L square
-    default = ta._prefill_config(max(lens), D)
+    return lens, caches, table, ctx, cu, q, torch.empty_like(q), flops
+
+
+def probe_prefill(bw, results):
+    dev = torch.device("cuda")
+    lens, caches, table, ctx, cu, q, out, flops = _prefill_step(dev, random.Random(0))
+    packs = ta._prefill_packs(max(lens), HQ // HKV)
+    default = ta._prefill_config(max(lens), D, HQ // HKV if packs else 1)
     print(f"\n== prefill attention, {len(lens)} prompts, {sum(lens)} tokens (us/layer, causal TFLOP/s); "
           f"default {default}")
     rows = []
@@ -309,14 +315,7 @@ def probe_prefill_packed(bw, results):
     its chunked-prefill steps (q_len 1, contexts 500-1100), there also against the decode kernel."""
     dev = torch.device("cuda")
     rng = random.Random(0)
-    lens = []
-    while sum(lens) < 16384:
-        lens.append(min(rng.randint(100, 1024), 16384 - sum(lens)))
-    caches, table, ctx = paged_caches(lens, dev, 1024 // BLOCK)
-    cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=dev)
-    q = torch.randn(sum(lens), HQ, D, device=dev, dtype=torch.bfloat16)
-    out = torch.empty_like(q)
-    flops = sum(n * n for n in lens) * 2 * D * HQ
+    lens, caches, table, ctx, cu, q, out, flops = _prefill_step(dev, rng)
     print(f"\n== prefill, {len(lens)} prompts, {sum(lens)} tokens: us/layer (causal TFLOP/s)")
     configs = [(False, None)] + [(True, (bm, bn, w, st)) for bm in (64, 128) for bn in (32, 64)
                                  for w in (4, 8) for st in (2, 3)]
