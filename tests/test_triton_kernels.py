@@ -385,6 +385,12 @@ def test_prefill_tiles_with_and_without_packed_heads(dtype, pack, group, head_di
     _run_prefill_case(dtype, group, head_dim, block_size, seqs, seed=group * 7 + block_size, pack=pack)
 
 
+def test_prefill_default_tiles_for_a_very_large_group():
+    # 128 query heads on one KV head: too many to pack into a 64-row tile, so the default must fall back
+    # to a tile per q head (and still be right)
+    _run_prefill_case(torch.float32, 128, 16, 16, [(3, 3), (1, 20), (5, 40)], num_kv_heads=1, seed=3)
+
+
 def test_prefill_seq_groups():
     # decode rows (and any <= 16-token chunk) next to longer prompts: two groups with their own max q_len
     assert prefill_seq_groups([1, 300, 16, 17, 1]) == [([0, 2, 4], 16), ([1, 3], 300)]

@@ -558,8 +558,9 @@ def _prefill_config(max_seqlen_q: int, block_d: int, heads_pad: int = 1):
 def _prefill_packs(max_seqlen_q: int, group: int) -> bool:
     """Whether prefill tiles pack a KV head's query-head group (see _prefill_kernel), so that each K/V
     tile loaded serves the whole group: when the group fills its padded tile rows (a power of two), or
-    when the queries are decode-like (<= 16 rows packed), where the K/V reads are the whole cost."""
-    if group <= 1:
+    when the queries are decode-like (<= 16 rows packed), where the K/V reads are the whole cost. Never
+    for groups of more than 64 heads, which would not fit one token in the largest tile."""
+    if group <= 1 or group > 64:
         return False
     return group & (group - 1) == 0 or max_seqlen_q * triton.next_power_of_2(group) <= 16
 
