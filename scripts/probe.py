@@ -402,7 +402,9 @@ def probe_qkv_rope(bw, results):
 
         ref = unfused(0).float()
         t_unfused = graph_time(unfused)
-        default = dg.choose_qkv_rope_config(x, ws[0], D)
+        default = dg.choose_qkv_rope_config(x, ws[0], D)  # None above the rows the engine fuses at
+        if default is None:
+            default = dg.qkv_rope_config_for_shape(m, k_in, D, 2)
         timed = []
         for bm, bk in itertools.product((16, 32, 64), (64, 128)):
             cfg = default._replace(block_m=bm, block_k=bk, stages=dg.pipeline_stages((D + bm) * bk * 2))
