@@ -77,11 +77,10 @@ def specs() -> list:
                     dict(NUM_HEADS=HQ, HEAD_DIM=D, BLOCK_D=D, BLOCK_N=64, NUM_SPLITS=4, BLOCK_S=4, PDL=True,
                          stride_od=1), 2))
     for q_len in (1, 16, 64, 1024):
-        heads = HQ // HKV if ta._prefill_packs(q_len, HQ // HKV) else 1
-        bm, bn, warps, stages = ta._prefill_config(q_len, D, heads)
+        heads, heads_pad, (bm, bn, warps, stages) = ta.prefill_tiles(q_len, HQ // HKV, D)
         out.append(Spec("prefill_attention", f"prefill, queries of {q_len} tokens ({bm}, {bn}, {warps}, {stages}), "
                         f"{heads} head(s) a tile", ta._prefill_kernel, attn_ptrs,
-                        dict(GROUP=HQ // HKV, HEAD_DIM=D, HEADS_PER_TILE=heads, HEADS_PAD=heads, BLOCK_M=bm,
+                        dict(GROUP=HQ // HKV, HEAD_DIM=D, HEADS_PER_TILE=heads, HEADS_PAD=heads_pad, BLOCK_M=bm,
                              BLOCK_D=D, BLOCK_N=bn, BLOCK_SIZE=16, IEEE=False, HAS_SEQ_IDS=q_len <= 16,
                              stride_qd=1, stride_od=1), warps, stages))
     out.append(Spec("store_kvcache", "K/V cache store", ta._store_kvcache_kernel,

@@ -285,8 +285,7 @@ def _prefill_step(dev, rng):
 def probe_prefill(bw, results):
     dev = torch.device("cuda")
     lens, caches, table, ctx, cu, q, out, flops = _prefill_step(dev, random.Random(0))
-    packs = ta._prefill_packs(max(lens), HQ // HKV)
-    default = ta._prefill_config(max(lens), D, HQ // HKV if packs else 1)
+    default = ta.prefill_tiles(max(lens), HQ // HKV, D)[2]
     print(f"\n== prefill attention, {len(lens)} prompts, {sum(lens)} tokens (us/layer, causal TFLOP/s); "
           f"default {default}")
     rows = []

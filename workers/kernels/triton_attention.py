@@ -493,9 +493,10 @@ def _prefill_kernel(
 
     offs_r = tl.arange(0, BLOCK_M)
     offs_m = m_start + offs_r // HEADS_PAD  # each row's token
-    heads = head0 + offs_r % HEADS_PAD
+    head_in_tile = offs_r % HEADS_PAD
+    heads = head0 + head_in_tile
     offs_d = tl.arange(0, BLOCK_D)
-    mask_m = (offs_m < q_len) & (offs_r % HEADS_PAD < HEADS_PER_TILE)
+    mask_m = (offs_m < q_len) & (head_in_tile < HEADS_PER_TILE)
     mask_d = offs_d < HEAD_DIM
     rows = (q_start + offs_m).to(tl.int64)
     q = tl.load(Q + rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
@@ -563,6 +564,16 @@ def _prefill_packs(max_seqlen_q: int, group: int) -> bool:
     if group <= 1 or group > 64:
         return False
     return group & (group - 1) == 0 or max_seqlen_q * triton.next_power_of_2(group) <= 16
+
+
+def prefill_tiles(max_seqlen_q: int, group: int, block_d: int, pack: Optional[bool] = None):
+    """What a prefill launch runs: (HEADS_PER_TILE, HEADS_PAD, (BLOCK_M, BLOCK_N, warps, stages)).
+    pack=None: the default (_prefill_packs). Shared with scripts/kernel_resources.py and scripts/probe.py."""
+    if pack is None:
+        pack = _prefill_packs(max_seqlen_q, group)
+    heads_per_tile = group if pack else 1
+    heads_pad = triton.next_power_of_2(heads_per_tile)
+    return heads_per_tile, heads_pad, _prefill_config(max_seqlen_q, block_d, heads_pad)
 
 
 # Sequences with at most this many new tokens (decode rows riding along in a chunked-prefill step) get a
@@ -635,11 +646,8 @@ def _prefill_launch(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_table
 
     group = num_q_heads // num_kv_heads
     block_d = triton.next_power_of_2(head_dim)
-    if pack is None:
-        pack = _prefill_packs(max_seqlen_q, group)
-    heads_per_tile = group if pack else 1
-    heads_pad = triton.next_power_of_2(heads_per_tile)
-    block_m, block_n, num_warps, num_stages = config or _prefill_config(max_seqlen_q, block_d, heads_pad)
+    heads_per_tile, heads_pad, default_config = prefill_tiles(max_seqlen_q, group, block_d, pack)
+    block_m, block_n, num_warps, num_stages = config or default_config
     assert block_m % heads_pad == 0, f"a tile of {block_m} rows cannot hold {heads_pad} heads"
     if seq_ids is not None:
         assert seq_ids.dtype == torch.int32 and seq_ids.dim() == 1, "seq_ids must be a 1-D int32 tensor"
