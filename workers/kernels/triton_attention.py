@@ -19,7 +19,6 @@ See docs/kernels.md for the design notes.
 from __future__ import annotations
 
 import functools
-import os
 from typing import List, Optional
 
 import torch
@@ -218,28 +217,6 @@ def _split_len(ctx, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
     return tl.maximum(tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N, BLOCK_N)
 
 
-@triton.jit
-def _prefetch_l2(ptrs):
-    # Each address's 128-byte line into L2 (a hint: nothing comes back to registers; the result is a dummy).
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _prefetch_first_tiles(k_base, v_base, bt_row, start, end, stride_k_slot, stride_v_slot,
-                          HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TOKENS: tl.constexpr,
-                          LINES: tl.constexpr, LINE_ELEMS: tl.constexpr):
-    """Ask L2 for the K and V rows of positions [start, start + TOKENS) (clipped to end), LINES 128-byte
-    lines a row. Positions past end repeat end - 1, so every address is a valid cache slot."""
-    if start < end:
-        pos = tl.minimum(start + tl.arange(0, TOKENS), end - 1)
-        bid = tl.load(bt_row + pos // BLOCK_SIZE).to(tl.int64)
-        slots = bid * BLOCK_SIZE + pos % BLOCK_SIZE
-        cols = tl.minimum(tl.arange(0, LINES) * LINE_ELEMS, HEAD_DIM - 1)
-        _prefetch_l2(k_base + slots[:, None] * stride_k_slot + cols[None, :])
-        _prefetch_l2(v_base + slots[:, None] * stride_v_slot + cols[None, :])
-
-
 # The block-table row stride is the width of this step's table, which varies step to step: left
 # unspecialized, or Triton would compile a new variant whenever it becomes (or stops being) a multiple of 16.
 @triton.jit(do_not_specialize=["stride_bt_b"])
@@ -253,30 +230,13 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
-    PREFETCH_TOKENS: tl.constexpr, PREFETCH_LINES: tl.constexpr, LINE_ELEMS: tl.constexpr,
 ):
+    pdl_enter(PDL)
     # KV heads fastest: consecutive programs read the same cache blocks (a block holds every head of its
     # tokens), so the memory sees whole blocks requested together
     kvh = tl.program_id(0)
     pid_b = tl.program_id(1)
     sid = tl.program_id(2)
-    bt_row = BlockTables + pid_b.to(tl.int64) * stride_bt_b
-    k_base = KCache + kvh * stride_k_h
-    v_base = VCache + kvh * stride_v_h
-    if PREFETCH_TOKENS > 0:
-        # Launched with PDL, this program may start while the kernel before it (the q/k/v projection,
-        # which writes q and this step's K/V slot) still runs, often on otherwise idle SMs. The context
-        # length, block table and the earlier positions' K/V do not come from that kernel (they were
-        # written by earlier kernels and steps, all complete by now), so the first tiles' K/V can be on
-        # their way to L2 before the wait. (L2 is where writes land, so a line prefetched early is never
-        # stale.)
-        ctx0 = tl.load(ContextLens + pid_b)
-        split_len0 = _split_len(ctx0, NUM_SPLITS, BLOCK_N)
-        start0 = sid * split_len0
-        _prefetch_first_tiles(k_base, v_base, bt_row, start0, tl.minimum(start0 + split_len0, ctx0),
-                              stride_k_slot, stride_v_slot, HEAD_DIM, BLOCK_SIZE, PREFETCH_TOKENS,
-                              PREFETCH_LINES, LINE_ELEMS)
-    pdl_enter(PDL)
 
     ctx = tl.load(ContextLens + pid_b)
     split_len = _split_len(ctx, NUM_SPLITS, BLOCK_N)
@@ -294,6 +254,9 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    bt_row = BlockTables + pid_b.to(tl.int64) * stride_bt_b
+    k_base = KCache + kvh * stride_k_h
+    v_base = VCache + kvh * stride_v_h
     q_pos = offs_h  # unused (CAUSAL=False)
     # Every tile processed has >= 1 valid position (start_n < end), so m_i stays finite.
     for start_n in range(start, end, BLOCK_N):
@@ -413,12 +376,6 @@ def _decode_config(num_splits: int, block_d: int, elem_bytes: int, programs: int
     return 64, 4, 2
 
 
-def kv_prefetch_tiles(use_pdl: bool) -> int:
-    """How many of its first K/V tiles a decode program asks L2 for before its PDL wait (0: none; only with
-    PDL, since without it the program never starts early). NANOVLLM_KV_PREFETCH_TILES overrides (A/B)."""
-    return int(os.environ.get("NANOVLLM_KV_PREFETCH_TILES", "2")) if use_pdl else 0
-
-
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            num_splits: Optional[int] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -466,8 +423,6 @@ def _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_s
     num_stages = num_stages or default_stages
     ieee = q.dtype == torch.float32
     use_pdl = pdl.enabled(q.device, "attention")
-    prefetch_tokens = kv_prefetch_tiles(use_pdl) * block_n
-    elem_bytes = k_cache.element_size()
 
     if num_splits > 1:
         o_ws = torch.empty((batch, num_q_heads, num_splits, block_d), dtype=torch.float32, device=q.device)
@@ -485,8 +440,6 @@ def _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_s
         scale * _LOG2E,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n,
         BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, IEEE=ieee, PDL=use_pdl,
-        PREFETCH_TOKENS=prefetch_tokens, PREFETCH_LINES=max(1, block_d * elem_bytes // 128),
-        LINE_ELEMS=128 // elem_bytes,
         num_warps=num_warps, num_stages=num_stages, launch_pdl=use_pdl,
     )
     if num_splits > 1:
