@@ -3,9 +3,9 @@
     python scripts/probe.py [--json out.json] [--only small,attn,split1,blocks,dgemm,lmhead,qkvrope,prefill,prefillpack,sampler]
 
 - small: workers.kernels.small_linear against cuBLAS at 1-4 rows (and cuBLAS at 8), per Qwen3-0.6B layer GEMM;
-- attn: the decode kernel over splits (1, 2 and the rule's S, S / 2, 2 S) x tile x stages (4 warps) at
-  PROBE_BATCHES (default 256,128,64,8; also 32, 48, 80, 96 with bench_latency's 512-768-token contexts, and
-  64L, 32L with bench.py's late 900-2000-token ones);
+- attn: the decode kernel over splits (1, 2 and the rule's S, S / 2, 2 S) x tile x stages (PROBE_STAGES,
+  default 2,3,4; 4 warps) at PROBE_BATCHES (default 256,128,64,8; also 32, 48, 80, 96 with bench_latency's
+  512-768-token contexts, 64F with 640 tokens each, and 64L, 32L with bench.py's late 900-2000-token ones);
 - split1: at decode graph sizes 16-128 (PROBE_BATCHES), the rule's kernel against one split with 64- and
   128-token tiles (and two splits) by the batch's longest context, contexts flat or spread;
 - dgemm: workers.kernels.decode_gemm (block sizes x split-K x stages) against cuBLAS at 8-256 rows, with the
@@ -60,7 +60,8 @@ def probe_attention(bw, results):
     print(f"\n== decode attention variants (us/layer, % of K/V read at copy bw)")
     # (label, batch, context range): bench_latency's contexts (512-768) and, "L", bench.py's late, long ones
     cases = [(str(b), b, 512, 768) for b in (8, 32, 48, 64, 80, 96)] + [
-        ("256", 256, 1024, 1063), ("128", 128, 900, 1300), ("64L", 64, 900, 2000), ("32L", 32, 900, 2000)]
+        ("256", 256, 1024, 1063), ("128", 128, 900, 1300), ("64L", 64, 900, 2000), ("32L", 32, 900, 2000),
+        ("64F", 64, 640, 640)]  # F: equal contexts, the one-split graph's case
     wanted = os.environ.get("PROBE_BATCHES", "256,128,64,8").split(",")
     for label, batch, lo, hi in cases:
         if label not in wanted:
@@ -74,7 +75,8 @@ def probe_attention(bw, results):
         rows = []
         warps = 4  # 8 warps were slower everywhere (2026-11-22 sweep)
         splits = sorted({1, 2, default_s, max(1, default_s // 2), default_s * 2})
-        for s, bn, stages in itertools.product(splits, (32, 64, 128), (2, 3, 4)):
+        stage_list = [int(x) for x in os.environ.get("PROBE_STAGES", "2,3,4").split(",")]
+        for s, bn, stages in itertools.product(splits, (32, 64, 128), stage_list):
             try:
                 t = graph_time(lambda i: ta._decode_launch(q, *caches[i], table, lens, 0.088, s, out,
                                                            block_n=bn, num_warps=warps, num_stages=stages))
