@@ -1,6 +1,6 @@
 """GPU only, exploratory: candidate kernels against what the engine runs (the engine does not import this).
 
-    python scripts/probe.py [--json out.json] [--only small,attn,split1,blocks,dgemm,lmhead,qkvrope,prefill,prefillpack,sampler]
+    python scripts/probe.py [--json out.json] [--only small,attn,split1,blocks,dgemm,lmhead,qkvrope,prefill,prefillpack,fa2,sampler]
 
 - small: workers.kernels.small_linear against cuBLAS at 1-4 rows (and cuBLAS at 8), per Qwen3-0.6B layer GEMM;
 - attn: the decode kernel over splits (1, 2 and the rule's S, S / 2, 2 S) x tile x stages (PROBE_STAGES,
@@ -15,6 +15,8 @@
   steps (prompts U[100, 1024] up to 16,384 tokens, no cached prefix), in causal TFLOP/s;
 - prefillpack: prefill tiles packing a KV head's query-head group against a tile per q head, at that step
   and at the decode rows riding along in chunked-prefill steps (there also against the decode kernel);
+- fa2: torch's FlashAttention-2 (aten._flash_attention_forward) on that prefill step, grouped and expanded
+  K/V, against the Triton prefill kernel;
 - qkvrope: decode_gemm.qkv_rope (the q/k/v projection with q/k norm, rotary and the K/V cache write fused)
   over its row-tile sizes, against the projection as parallel.layers._linear runs it + fused.qk_norm_rope
   (PROBE_ROWS: the batch sizes, comma-separated);
@@ -310,6 +312,52 @@ def probe_prefill(bw, results):
     del caches
 
 
+def probe_prefill_fa2(bw, results):
+    """torch's FlashAttention-2 (aten._flash_attention_forward, varlen, causal) on one of bench.py's prefill
+    steps (prompts with no cached prefix, the step's own K/V), against the engine's Triton prefill kernel:
+    K/V with the KV heads as they are (FlashAttention-2 takes grouped-query K/V), and expanded to the q heads
+    (repeat_interleave, its time included)."""
+    dev = torch.device("cuda")
+    lens, caches, table, ctx, cu, q, out, flops = _prefill_step(dev, random.Random(0))
+    qs = [torch.randn_like(q) for _ in range(LAYERS)]
+    ks = [torch.randn(q.shape[0], HKV, D, device=dev, dtype=torch.bfloat16) for _ in range(LAYERS)]
+    vs = [torch.randn_like(k) for k in ks]
+    top = max(lens)
+
+    def fa2(i, expand):
+        k, v = ks[i], vs[i]
+        if expand:
+            k, v = k.repeat_interleave(HQ // HKV, dim=1), v.repeat_interleave(HQ // HKV, dim=1)
+        return torch.ops.aten._flash_attention_forward(qs[i], k, v, cu, cu, top, top, 0.0, True, False,
+                                                       scale=0.088)[0]
+
+    print(f"\n== prefill attention, {len(lens)} prompts, {sum(lens)} tokens: us/layer (causal TFLOP/s)")
+    for label, fn in (("triton (engine)", lambda i: ta._prefill_launch(qs[i], *caches[i], cu, ctx, table, 0.088,
+                                                                      top, out)),
+                      ("fa2, grouped K/V", lambda i: fa2(i, False)),
+                      ("fa2, K/V expanded", lambda i: fa2(i, True))):
+        try:
+            t = graph_time(fn)
+        except Exception as e:  # noqa: BLE001
+            print(f"   {label}: {type(e).__name__} {str(e)[:200]}")
+            continue
+        print(f"   {label:>20}: {t * 1e6:7.1f} us ({flops / t / 1e12:5.0f} TFLOP/s)", flush=True)
+        results["prefill_fa2"].append(dict(label=label, seconds=t))
+    # the same numbers? (FlashAttention-2 against the Triton kernel on layer 0; the cache holds ks/vs first)
+    try:
+        k_cache, v_cache = caches[0]
+        slots = torch.cat([table[b, :(n + BLOCK - 1) // BLOCK].long().repeat_interleave(BLOCK)[:n] * BLOCK
+                           + torch.arange(n, device=dev) % BLOCK for b, n in enumerate(lens)])
+        k_cache.view(-1, HKV, D)[slots] = ks[0]
+        v_cache.view(-1, HKV, D)[slots] = vs[0]
+        a = ta._prefill_launch(qs[0], k_cache, v_cache, cu, ctx, table, 0.088, top, torch.empty_like(q)).float()
+        b = fa2(0, False).float()
+        print(f"   max |triton - fa2| {(a - b).abs().max().item():.4f} (|triton| max {a.abs().max().item():.2f})")
+    except Exception as e:  # noqa: BLE001
+        print(f"   comparison: {type(e).__name__} {str(e)[:200]}")
+    del caches
+
+
 def probe_prefill_packed(bw, results):
     """Prefill tiles holding one q head against tiles packing a KV head's query-head group (K/V loaded once
     for the group): one of bench.py's prefill steps (long prompts), and the decode rows that ride along in
@@ -445,6 +493,7 @@ def main():
                      ("qkvrope", lambda: probe_qkv_rope(bw, results)),
                      ("prefill", lambda: probe_prefill(bw, results)),
                      ("prefillpack", lambda: probe_prefill_packed(bw, results)),
+                     ("fa2", lambda: probe_prefill_fa2(bw, results)),
                      ("sampler", lambda: probe_sampler(bw, results))):
         if part in parts:
             fn()
