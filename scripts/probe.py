@@ -482,7 +482,7 @@ def main():
     bw = measure_copy_bandwidth()
     print(f"copy bandwidth {bw / 1e9:,.0f} GB/s")
     results = {"copy_bandwidth": bw, "attention": [], "decode_gemm": [], "small_linear": [], "qkv_rope": [], "prefill": [], "sampler": [],
-               "single_split": [], "lm_head": [], "blocks": [], "prefill_packed": []}
+               "single_split": [], "lm_head": [], "blocks": [], "prefill_packed": [], "prefill_fa2": []}
     parts = args.only.split(",")
     t0 = time.time()
     for part, fn in (("small", lambda: probe_small_linear(bw, results)), ("attn", lambda: probe_attention(bw, results)),
