@@ -177,8 +177,12 @@ class TorchAttentionBackend:
 
 
 class TritonAttentionBackend:
-    """CUDA: our Triton kernels over the paged cache (decode: split-KV; prefill: paged causal), and torch's
-    built-in varlen flash attention for prefills that attend to no cached prefix, where it is faster."""
+    """CUDA: our Triton kernels over the paged cache (decode: split-KV; prefill: paged causal), and, below
+    Hopper, torch's built-in varlen flash attention for prefills that attend to no cached prefix.
+
+    On Hopper our prefill kernel is the faster one: on one of bench.py's prefill steps (H200, torch 2.11)
+    229 causal TFLOP/s against 157 for torch's FlashAttention-2 (docs/kernels.md, "Known limits"). Below
+    Hopper FlashAttention-2 is the tuned kernel; not measured there."""
 
     name = "triton"
     groups_prefill_by_query_len = True  # the runner fills AttentionMetadata.seq_groups for prefills
@@ -186,7 +190,8 @@ class TritonAttentionBackend:
     def __init__(self):
         from workers.kernels import triton_attention
         self.kernels = triton_attention
-        self.varlen = _torch_varlen_attention()
+        below_hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9
+        self.varlen = _torch_varlen_attention() if below_hopper else None
 
     def store_kvcache(self, k, v, k_cache, v_cache, slot_mapping):
         self.kernels.store_kvcache(k, v, k_cache, v_cache, slot_mapping)
