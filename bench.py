@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import gc
 import json
 import multiprocessing
 import os
@@ -297,6 +298,27 @@ def triton_cache_entries() -> int:
     return len(os.listdir(path)) if os.path.isdir(path) else 0
 
 
+class GcPauses:
+    """The garbage collections of this process (the engine's: it schedules every step) while active: how many
+    of each generation and the seconds they took. A full (generation-2) collection walks every tracked
+    object of the process, and while it runs no plan reaches the workers."""
+
+    def __enter__(self) -> "GcPauses":
+        self.counts, self.seconds, self._started = [0, 0, 0], 0.0, None
+        gc.callbacks.append(self._callback)
+        return self
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            self.counts[info["generation"]] += 1
+            self.seconds += time.perf_counter() - self._started
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
+
+
 def timed_run(llm, prompts, max_tokens, temperature=0.6) -> dict:
     """One timed generate of the whole workload; returns its numbers."""
     engine = llm.llm_engine
@@ -305,9 +327,10 @@ def timed_run(llm, prompts, max_tokens, temperature=0.6) -> dict:
     preemptions_before = getattr(engine.scheduler, "num_preemptions", 0)
     kernels_before = triton_cache_entries()
     log_before = len(engine.step_log) if engine.step_log is not None else 0
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    seconds = time.perf_counter() - start
+    with GcPauses() as gc_pauses:
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
     step_log = engine.step_log[log_before:] if engine.step_log is not None else None
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
     output_tokens = sum(len(o.token_ids) for o in outputs)
@@ -323,6 +346,8 @@ def timed_run(llm, prompts, max_tokens, temperature=0.6) -> dict:
         "prefix_cache_hit_tokens": sum(o.num_cached_tokens for o in outputs),
         "output_lens": [len(o.token_ids) for o in outputs],
         "triton_kernels_compiled": triton_cache_entries() - kernels_before,
+        "engine_gc_collections": gc_pauses.counts,  # by generation
+        "engine_gc_seconds": gc_pauses.seconds,
         "step_log": [(t - start, *sizes) for t, *sizes in step_log] if step_log else None,
     }
 
@@ -445,6 +470,8 @@ def main(argv=None) -> dict:
     print(f"total tok/s:    {median['total_tok_per_s']:,.1f}")
     print(f"engine steps:   {median['engine_steps']:,}")
     print(f"Triton kernels compiled during the run: {median['triton_kernels_compiled']}")
+    print(f"engine-process garbage collections during the run: {median['engine_gc_collections'][2]} full, "
+          f"{sum(median['engine_gc_collections'][:2])} young, {median['engine_gc_seconds'] * 1e3:.1f} ms in all")
     if median["preemptions"] or median["prefix_cache_hit_tokens"]:
         print(f"note: {median['preemptions']} preemptions, {median['prefix_cache_hit_tokens']} prefix-cache hit "
               "tokens (the roofline counts neither)")

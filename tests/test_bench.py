@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -129,14 +130,25 @@ def run_script(args, timeout=120):
     return proc.stdout
 
 
+def test_gc_pauses_counts_collections_by_generation():
+    with bench.GcPauses() as pauses:
+        gc.collect()  # a full collection
+        gc.collect(1)
+    counts = list(pauses.counts)
+    assert counts[2] == 1 and counts[1] >= 1 and pauses.seconds > 0
+    gc.collect()  # after the block: not counted
+    assert pauses.counts == counts
+
+
 def test_bench_cpu(tmp_path):
     path = tmp_path / "bench.json"
     out = run_script(["bench.py", "--num-seqs", "4", "--runs", "2", "--json", str(path)])
     for field in ("small configuration", "output tokens:", "seconds:", "output tok/s:", "total tok/s:",
                   "engine steps:", "roofline bytes:", "roofline: n/a (no CUDA)", "run 1/2", "run 2/2",
-                  "median of 2 runs"):
+                  "median of 2 runs", "engine-process garbage collections during the run:"):
         assert field in out, (field, out)
     res = json.loads(path.read_text())
+    assert all(len(run["engine_gc_collections"]) == 3 for run in res["runs"])
     assert res["small"] and res["dtype"] == "float32" and res["copy_bandwidth_bytes_per_s"] is None
     work = res["workload"]
     prompts, max_tokens = bench.make_workload(4, 16, 64, 8, 32, 1023)  # the small workload, vocab 1024
