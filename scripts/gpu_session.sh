@@ -44,6 +44,18 @@ fi
 SITE_PATH=${PYTHONPATH:-}
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+# env-ab / arg-ab: AB_CMD once per variant (an environment setting NAME=VALUE, or extra flags), AB_ROUNDS
+# rounds, the variants interleaved within each round
+ab_variants() {
+  local kind=$1 round variant; shift
+  for round in $(seq "${AB_ROUNDS:-2}"); do
+    for variant in "$@"; do
+      echo "== $variant (round $round)"
+      if [ "$kind" = env ]; then env "$variant" python3 ${AB_CMD:-bench_latency.py --batch-sizes 1,64 --repeats 3}
+      else python3 ${AB_CMD:-bench_latency.py --batch-sizes 1,64 --repeats 3} $variant; fi 2>&1 | tail -${AB_TAIL:-4}
+    done
+  done
+}
 for what in "${@:-all}"; do
   case $what in
     tests|all) python3 -m pytest -q -x tests/test_gpu.py tests/test_sampler.py tests/test_fused_kernels.py tests/test_triton_kernels.py 2>&1 | tee "$OUT/tests.log" | tail -3 ;;&
@@ -69,17 +81,10 @@ for what in "${@:-all}"; do
             echo "== old (round $round)"; (cd ab_dir && PYTHONPATH=$PWD:$SITE_PATH python3 ${AB_CMD:-bench_latency.py --batch-sizes 1,64 --repeats 3} 2>&1 | tail -${AB_TAIL:-4})
           done 2>&1 | tee "$OUT/ab.log"
         fi ;;&
-    env-ab) for round in $(seq "${AB_ROUNDS:-2}"); do  # one tree, AB_CMD under each of AB_ENVS (space-separated NAME=VALUE)
-          for setting in ${AB_ENVS:?env-ab needs AB_ENVS, e.g. NANOVLLM_PDL=0 NANOVLLM_PDL=1}; do
-            echo "== $setting (round $round)"; env "$setting" python3 ${AB_CMD:-bench_latency.py --batch-sizes 1,64 --repeats 3} 2>&1 | tail -${AB_TAIL:-4}
-          done
-        done 2>&1 | tee "$OUT/env_ab.log" ;;&
-    arg-ab) IFS=';' read -ra arg_sets <<< "${AB_ARGS:?arg-ab needs AB_ARGS, e.g. --block-size 16;--block-size 64}"
-        for round in $(seq "${AB_ROUNDS:-2}"); do
-          for extra in "${arg_sets[@]}"; do
-            echo "== $extra (round $round)"; python3 ${AB_CMD:-bench_latency.py --batch-sizes 1,64 --repeats 3} $extra 2>&1 | tail -${AB_TAIL:-4}
-          done
-        done 2>&1 | tee "$OUT/arg_ab.log" ;;&
+    env-ab) read -ra variants <<< "${AB_ENVS:?env-ab needs AB_ENVS, e.g. NANOVLLM_PDL=0 NANOVLLM_PDL=1}"
+        ab_variants env "${variants[@]}" 2>&1 | tee "$OUT/env_ab.log" ;;&
+    arg-ab) IFS=';' read -ra variants <<< "${AB_ARGS:?arg-ab needs AB_ARGS, e.g. --block-size 16;--block-size 64}"
+        ab_variants arg "${variants[@]}" 2>&1 | tee "$OUT/arg_ab.log" ;;&
     latency|all) python3 bench_latency.py ${BENCH_ARGS:-} --json "$OUT/latency.json" 2>&1 | tee "$OUT/latency.log" ;;
   esac
 done
