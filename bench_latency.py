@@ -12,7 +12,7 @@ For each batch size B: one warm-up generate, then `--repeats` times
 and the median of each over the repeats is reported. Greedy, ignore_eos, so every sequence makes exactly
 output-len tokens. (Until 2026-12-02 TPOT was (full - TTFT) / (output-len - 1) with the TTFT of the separate
 generate before it, which carried that generate's run-to-run spread, e.g. 15-32 ms at batch 8 on an H200, into
-TPOT; the JSON keeps that figure as tpot_from_e2e_s_all.)
+TPOT; the JSON's e2e_s_all and ttft_s_all still give that figure.)
 Every generate gets prompts it has not seen, so the prefix cache never shortens a prefill.
 On a machine without CUDA a small configuration runs instead (a tiny Qwen3-shaped model, batch 1 and 4,
 32 prompt / 8 output tokens); flags you give still win.
@@ -64,14 +64,13 @@ def request_tpot(output, output_len: int) -> float:
 def measure(llm, batch_size: int, input_len: int, output_len: int, repeats: int, max_token_id: int) -> dict:
     rng = random.Random(batch_size)
     timed_generate(llm, rng, batch_size, input_len, min(output_len, 4), max_token_id)  # warm-up at this shape
-    ttfts, fulls, tpots, tpots_from_e2e = [], [], [], []
+    ttfts, fulls, tpots = [], [], []
     for _ in range(repeats):
         ttft, _ = timed_generate(llm, rng, batch_size, input_len, 1, max_token_id)
         full, outputs = timed_generate(llm, rng, batch_size, input_len, output_len, max_token_id)
         ttfts.append(ttft)
         fulls.append(full)
         tpots.append(statistics.median(request_tpot(o, output_len) for o in outputs))
-        tpots_from_e2e.append((full - ttft) / (output_len - 1))
     tpot = statistics.median(tpots)
     return {
         "batch_size": batch_size,
@@ -82,7 +81,6 @@ def measure(llm, batch_size: int, input_len: int, output_len: int, repeats: int,
         "ttft_s_all": ttfts,
         "tpot_s_all": tpots,
         "e2e_s_all": fulls,
-        "tpot_from_e2e_s_all": tpots_from_e2e,
     }
 
 

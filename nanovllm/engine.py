@@ -255,5 +255,7 @@ class LLMEngine:
             print(f"[engine] {n} steps, ms/step (mean / median): schedule+send {sums[0]:.3f} / {medians[0]:.3f}, "
                   f"wait for result {sums[1]:.3f} / {medians[1]:.3f}, process result {sums[2]:.3f} / "
                   f"{medians[2]:.3f}", flush=True)
-        self.executor.shutdown()
-        gc.unfreeze()  # leave the process's collector as startup found it
+        try:
+            self.executor.shutdown()
+        finally:
+            gc.unfreeze()  # leave the process's collector as startup found it
