@@ -72,7 +72,7 @@ def specs() -> list:
         out.append(Spec("decode_attention", f"decode split kernel, BLOCK_N {block_n}, {stages} stages, "
                         f"{splits} split(s)", ta._decode_split_kernel, attn_ptrs,
                         dict(GROUP=HQ // HKV, HEAD_DIM=D, BLOCK_H=16, BLOCK_D=D, BLOCK_N=block_n, BLOCK_SIZE=16,
-                             NUM_SPLITS=splits, IEEE=False, PDL=True, EARLY_META=True, stride_qd=1, stride_od=1), warps, stages))
+                             NUM_SPLITS=splits, IEEE=False, PDL=True, stride_qd=1, stride_od=1), warps, stages))
     out.append(Spec("decode_attention", "decode split reduction, 4 splits", ta._decode_reduce_kernel, attn_ptrs,
                     dict(NUM_HEADS=HQ, HEAD_DIM=D, BLOCK_D=D, BLOCK_N=64, NUM_SPLITS=4, BLOCK_S=4, PDL=True,
                          stride_od=1), 2))

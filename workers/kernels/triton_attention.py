@@ -19,7 +19,6 @@ See docs/kernels.md for the design notes.
 from __future__ import annotations
 
 import functools
-import os
 from typing import List, Optional
 
 import torch
@@ -218,13 +217,6 @@ def _split_len(ctx, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
     return tl.maximum(tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N, BLOCK_N)
 
 
-@triton.jit
-def _prefetch_l1(ptr):
-    # The 128-byte line at ptr into L1 (a hint: nothing comes back to registers; the result is a dummy).
-    tl.inline_asm_elementwise("prefetch.global.L1 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptr],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
 # The block-table row stride is the width of this step's table, which varies step to step: left
 # unspecialized, or Triton would compile a new variant whenever it becomes (or stops being) a multiple of 16.
 @triton.jit(do_not_specialize=["stride_bt_b"])
@@ -238,29 +230,18 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
-    EARLY_META: tl.constexpr,
 ):
-    if not EARLY_META:
-        pdl_enter(PDL)
+    pdl_enter(PDL)
     # KV heads fastest: consecutive programs read the same cache blocks (a block holds every head of its
     # tokens), so the memory sees whole blocks requested together
     kvh = tl.program_id(0)
     pid_b = tl.program_id(1)
     sid = tl.program_id(2)
-    bt_row = BlockTables + pid_b.to(tl.int64) * stride_bt_b
 
     ctx = tl.load(ContextLens + pid_b)
     split_len = _split_len(ctx, NUM_SPLITS, BLOCK_N)
     start = sid * split_len
     end = tl.minimum(start + split_len, ctx)
-    if EARLY_META:
-        # The context length and block table come from the step's input staging, not from the kernel
-        # before this one (the q/k/v projection, which writes q and this step's K/V), so they may be read
-        # before the PDL wait; the first tile's block id is asked into L1 so that the loop's first load
-        # does not wait for L2 after the wait.
-        if start < end:
-            _prefetch_l1(bt_row + start // BLOCK_SIZE)
-        pdl_enter(PDL)
 
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -273,6 +254,7 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    bt_row = BlockTables + pid_b.to(tl.int64) * stride_bt_b
     k_base = KCache + kvh * stride_k_h
     v_base = VCache + kvh * stride_v_h
     q_pos = offs_h  # unused (CAUSAL=False)
@@ -458,7 +440,6 @@ def _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_s
         scale * _LOG2E,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n,
         BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, IEEE=ieee, PDL=use_pdl,
-        EARLY_META=use_pdl and os.environ.get("NANOVLLM_DECODE_EARLY_META", "1") == "1",
         num_warps=num_warps, num_stages=num_stages, launch_pdl=use_pdl,
     )
     if num_splits > 1:
