@@ -72,7 +72,9 @@ class LLMEngine:
         # mostly lives as long as the engine: freeze it out of the garbage collector (as the workers do), so
         # that a full collection, which per-step garbage triggers now and then, walks only what came later.
         # Unfrozen, one walked ~170k objects for 70-170 ms on the CPU machine, a pause in which no plan
-        # reaches the workers (bench.py reports these collections). shutdown() unfreezes.
+        # reaches the workers (bench.py reports these collections). shutdown() unfreezes, unless the caller had
+        # frozen objects of its own before: gc cannot unfreeze only ours, and theirs must stay frozen.
+        self._unfreeze_at_shutdown = gc.get_freeze_count() == 0
         gc.collect()
         gc.freeze()
 
@@ -258,4 +260,5 @@ class LLMEngine:
         try:
             self.executor.shutdown()
         finally:
-            gc.unfreeze()  # leave the process's collector as startup found it
+            if self._unfreeze_at_shutdown:
+                gc.unfreeze()  # leave the process's collector as startup found it

@@ -167,6 +167,19 @@ def test_startup_objects_are_frozen_out_of_the_collector_until_shutdown(tiny_mod
     assert tracked(before) and gc.get_freeze_count() == 0
 
 
+def test_shutdown_keeps_what_the_caller_froze_before_startup(tiny_models):
+    # gc can only unfreeze everything, so an engine started in a process that had frozen objects of its own
+    # leaves the freeze in place at shutdown instead of unfreezing the caller's objects
+    callers = [object()]
+    gc.freeze()
+    try:
+        with LLM(tiny_models["qwen3"], dtype="float32") as llm:
+            llm.generate(make_prompts(1, seed=4), GREEDY, use_tqdm=False)
+        assert gc.get_freeze_count() > 0 and not any(o is callers for o in gc.get_objects())
+    finally:
+        gc.unfreeze()
+
+
 def test_prefix_caching_can_be_disabled(tiny_models):
     prompt = make_prompts(1, seed=5, lo=40, hi=40)
     with LLM(tiny_models["qwen3"], dtype="float32", enable_prefix_caching=False) as llm:
