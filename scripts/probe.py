@@ -1,6 +1,6 @@
 """GPU only, exploratory: candidate kernels against what the engine runs (the engine does not import this).
 
-    python scripts/probe.py [--json out.json] [--only small,attn,split1,blocks,dgemm,lmhead,qkvrope,prefill,prefillpack,fa2,sampler]
+    python scripts/probe.py [--json out.json] [--only small,attn,split1,order,blocks,dgemm,lmhead,qkvrope,prefill,prefillpack,fa2,sampler]
 
 - small: workers.kernels.small_linear against cuBLAS at 1-4 rows (and cuBLAS at 8), per Qwen3-0.6B layer GEMM;
 - attn: the decode kernel over splits (1, 2 and the rule's S, S / 2, 2 S) x tile x stages (PROBE_STAGES,
@@ -20,6 +20,8 @@
 - qkvrope: decode_gemm.qkv_rope (the q/k/v projection with q/k norm, rotary and the K/V cache write fused)
   over its row-tile sizes, against the projection as parallel.layers._linear runs it + fused.qk_norm_rope
   (PROBE_ROWS: the batch sizes, comma-separated);
+- order: the engine's decode attention at bench.py's contexts by batch (PROBE_BATCHES), sequences in drawn
+  order, longest first and shortest first;
 - blocks: the engine's decode attention by KV block size (16, 64, 128) and block placement (random over an
   engine-sized pool, or each sequence's blocks contiguous), at batch 8 / 64 / 256 with bench contexts;
 - sampler: workers.kernels.sampling.gumbel_argmax at batch 1-256 over Qwen3's vocabulary, and torch.argmax
@@ -46,7 +48,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import measure_copy_bandwidth  # noqa: E402
-from scripts.kernel_sweep import graph_time, paged_caches  # noqa: E402
+from scripts.kernel_sweep import contexts, graph_time, paged_caches  # noqa: E402
 from workers.kernels import triton_attention as ta  # noqa: E402
 from workers.kernels.triton_attention import device_sms  # noqa: E402
 
@@ -98,6 +100,31 @@ def probe_attention(bw, results):
         for t, s, bn, w, st in rows[:8]:
             print(f"   S={s:>2} bn={bn:>3} w={w} st={st}: {t * 1e6:7.1f} us ({100 * floor / t:.1f}%)")
         del caches
+
+
+def probe_order(bw, results):
+    """The engine's decode attention over bench.py's contexts at the batch sizes its batch shrinks through,
+    with the sequences in drawn order, longest first and shortest first: what the order in which programs
+    are dispatched costs when a batch's contexts differ (one split walks a whole context per program)."""
+    dev = torch.device("cuda")
+    rng = random.Random(0)
+    max_blocks = 4096 // BLOCK
+    print("\n== decode attention by the order of the sequences (us/layer, % of K/V at copy bw)")
+    for batch in [int(b) for b in os.environ.get("PROBE_BATCHES", "256,224,192,160,128,96,64,32").split(",")]:
+        drawn = contexts(batch, rng)
+        s = ta.choose_num_splits(batch, HKV, max_blocks, BLOCK, device_sms(dev))
+        q = torch.randn(batch, HQ, D, device=dev, dtype=torch.bfloat16)
+        out = torch.empty_like(q)
+        floor = sum(drawn) * HKV * D * 2 * 2 / bw
+        row = {}
+        for order, ctx in (("drawn", drawn), ("longest_first", sorted(drawn, reverse=True)),
+                           ("shortest_first", sorted(drawn))):
+            caches, table, lens = paged_caches(ctx, dev, max_blocks)
+            row[order] = graph_time(lambda i: ta._decode_launch(q, *caches[i], table, lens, 0.088, s, out))
+            del caches
+        print(f"B={batch:>3} S={s} ctx {min(drawn)}-{max(drawn)}: " +
+              "  ".join(f"{k} {v * 1e6:6.1f} ({100 * floor / v:.1f}%)" for k, v in row.items()), flush=True)
+        results["order"].append(dict(batch=batch, splits=s, floor_s=floor, **row))
 
 
 def probe_block_sizes(bw, results):
@@ -482,11 +509,12 @@ def main():
     bw = measure_copy_bandwidth()
     print(f"copy bandwidth {bw / 1e9:,.0f} GB/s")
     results = {"copy_bandwidth": bw, "attention": [], "decode_gemm": [], "small_linear": [], "qkv_rope": [], "prefill": [], "sampler": [],
-               "single_split": [], "lm_head": [], "blocks": [], "prefill_packed": [], "prefill_fa2": []}
+               "single_split": [], "lm_head": [], "blocks": [], "prefill_packed": [], "prefill_fa2": [], "order": []}
     parts = args.only.split(",")
     t0 = time.time()
     for part, fn in (("small", lambda: probe_small_linear(bw, results)), ("attn", lambda: probe_attention(bw, results)),
                      ("split1", lambda: probe_single_split(bw, results)),
+                     ("order", lambda: probe_order(bw, results)),
                      ("blocks", lambda: probe_block_sizes(bw, results)),
                      ("dgemm", lambda: probe_decode_gemm(bw, results)),
                      ("lmhead", lambda: probe_lm_head(bw, results)),

@@ -214,3 +214,35 @@ def test_logprobs_match_transformers(tiny_models):
             top = row.topk(k).indices.tolist() if k else []
             assert set(entry) == set(top) | {token}
         assert abs(out.cumulative_logprob - sum(e[t] for e, t in zip(out.logprobs, out.token_ids))) < 1e-9
+
+
+def test_decode_rows_run_longest_context_first(tiny_models):
+    """A decode step's rows are reordered by context length, longest first (the attention's programs start in
+    batch order, so the long ones should not start last); the tokens still go to their own requests: each is
+    transformers' greedy next token for that request's prompt."""
+    import torch
+
+    from nanovllm.config import EngineConfig
+    from parallel.protocol import NewRequest, SamplingFields, StepPlan
+    from parallel.distributed import ParallelContext
+    from workers.model_runner import ModelRunner
+
+    path = tiny_models["qwen3"]
+    prompts = make_prompts(n=4, seed=3, lo=3, hi=40)
+    prompts[2] = list(prompts[1])  # two equal contexts: they keep the plan's order
+    cfg = EngineConfig(model=path, dtype="float32", max_model_len=128, max_num_seqs=8).finalize()
+    runner = ModelRunner(cfg.to_worker_config("none"), ParallelContext(0, 1), torch.device("cpu"))
+    runner.allocate_kv_cache(32)
+    news = [NewRequest(req_id=i, prompt_token_ids=p, output_token_ids=[], sampling=SamplingFields(temperature=0).__dict__,
+                       block_ids=list(range(4 * i, 4 * i + 4)), num_computed_tokens=0, num_scheduled_tokens=len(p))
+            for i, p in enumerate(prompts)]
+    first = runner.finish(runner.launch(StepPlan(1, news, [], [], [], [], [], [], []), lambda: None))
+    n = len(prompts)
+    second = runner.finish(runner.launch(StepPlan(2, [], list(range(n)), [1] * n, [[]] * n, [], [], [], []),
+                                         lambda: None))
+    by_length = sorted(range(n), key=lambda i: -len(prompts[i]))  # stable: request 1 before its twin 2
+    assert second.req_ids == by_length
+    assert second.req_ids != list(range(n))  # the case exercises a reorder
+    tokens = dict(zip(first.req_ids, first.token_ids))
+    expected = hf_greedy(path, prompts, 2)
+    assert {r: [tokens[r], t] for r, t in zip(second.req_ids, second.token_ids)} == dict(enumerate(expected))

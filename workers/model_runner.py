@@ -503,6 +503,12 @@ class ModelRunner:
         if self.ctx.rank == 0 and self.needs_history(plan):
             flush_previous()  # penalties need the previous step's tokens on the host
         scheduled = self.apply_plan(plan)
+        if len(scheduled) > 1 and all(n == 1 for _, n, _ in scheduled):
+            # Decode: longest context first. The attention's programs start in batch order and, at large
+            # batch (one KV split), each walks its sequence's whole context; started last, the long ones
+            # would run on an otherwise idle GPU. Rows are independent and results keyed by request id,
+            # so only the order of the programs changes (stable: equal contexts keep the plan's order).
+            scheduled.sort(key=lambda item: -item[0].num_computed_tokens)
         if not scheduled:
             self.prev_index = {}  # nothing sampled: no later step may take an input from here
             return StepHandle(plan.step_id, [], None, None)
