@@ -21,7 +21,7 @@
   over its row-tile sizes, against the projection as parallel.layers._linear runs it + fused.qk_norm_rope
   (PROBE_ROWS: the batch sizes, comma-separated);
 - order: the engine's decode attention at bench.py's contexts by batch (PROBE_BATCHES), sequences in drawn
-  order, longest first and shortest first;
+  order, longest first and shortest first (PROBE_SPLITS: split counts to time besides the rule's);
 - blocks: the engine's decode attention by KV block size (16, 64, 128) and block placement (random over an
   engine-sized pool, or each sequence's blocks contiguous), at batch 8 / 64 / 256 with bench contexts;
 - sampler: workers.kernels.sampling.gumbel_argmax at batch 1-256 over Qwen3's vocabulary, and torch.argmax
@@ -117,10 +117,14 @@ def probe_order(bw, results):
         out = torch.empty_like(q)
         floor = sum(drawn) * HKV * D * 2 * 2 / bw
         row = {}
+        # the rule's split count, and (PROBE_SPLITS) others with their own default tiles
+        extra = [int(x) for x in os.environ.get("PROBE_SPLITS", "").split(",") if x and int(x) != s]
         for order, ctx in (("drawn", drawn), ("longest_first", sorted(drawn, reverse=True)),
                            ("shortest_first", sorted(drawn))):
             caches, table, lens = paged_caches(ctx, dev, max_blocks)
-            row[order] = graph_time(lambda i: ta._decode_launch(q, *caches[i], table, lens, 0.088, s, out))
+            for splits in [s] + extra:
+                label = order if splits == s else f"{order}_S{splits}"
+                row[label] = graph_time(lambda i: ta._decode_launch(q, *caches[i], table, lens, 0.088, splits, out))
             del caches
         print(f"B={batch:>3} S={s} ctx {min(drawn)}-{max(drawn)}: " +
               "  ".join(f"{k} {v * 1e6:6.1f} ({100 * floor / v:.1f}%)" for k, v in row.items()), flush=True)
