@@ -98,7 +98,7 @@ def _serve_steps(channel: WorkerChannel, runner, rank: int, parent_pid: int) -> 
     # whichever comes first: the next plan (launch it, then report step N), or the end of step N on the
     # device (report it now: the engine may be waiting for those tokens before it can plan further).
     unfinished = []
-    timing = StepTiming() if os.environ.get("NANOVLLM_STEP_TIMING") else None
+    timing = StepTiming(runner.device) if os.environ.get("NANOVLLM_STEP_TIMING") else None
 
     def flush_previous() -> None:
         while unfinished:
@@ -132,7 +132,11 @@ def _serve_steps(channel: WorkerChannel, runner, rank: int, parent_pid: int) -> 
         t1 = time.perf_counter()
         if isinstance(message, Shutdown):
             break
+        if timing is not None:
+            timing.mark_device()
         handle = runner.launch(_expect(message, StepPlan), flush_previous)
+        if timing is not None:
+            timing.mark_device()
         t2 = time.perf_counter()
         flush_previous()
         unfinished.append(handle)
@@ -209,13 +213,24 @@ def _device_busy_summary(profiler) -> str:
 
 
 class StepTiming:
-    """NANOVLLM_STEP_TIMING=1: where a worker's wall time goes, printed at shutdown (for profiling)."""
+    """NANOVLLM_STEP_TIMING=1: where a worker's wall time goes, printed at shutdown (for profiling). On CUDA
+    also the device's side: an event before and after each step's work is queued, so the device time from
+    one to the other is the step's (its copies, graph and sampler), and from a step's end to the next one's
+    start the device waited for this host."""
 
-    def __init__(self):
+    def __init__(self, device):
         self.rows = []
+        self.events = [] if device.type == "cuda" else None
 
     def add(self, waiting: float, launching: float, reporting: float) -> None:
         self.rows.append((waiting, launching, reporting))
+
+    def mark_device(self) -> None:
+        if self.events is not None:
+            import torch
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.events.append(event)
 
     def report(self, rank: int) -> None:
         if not self.rows:
@@ -227,6 +242,14 @@ class StepTiming:
         print(f"[worker {rank}] {n} steps, ms/step (mean / median): waiting for plan {means[0]:.3f} / "
               f"{medians[0]:.3f}, launch {means[1]:.3f} / {medians[1]:.3f}, report previous {means[2]:.3f} / "
               f"{medians[2]:.3f}", file=sys.stderr, flush=True)
+        if self.events and len(self.events) >= 4:
+            self.events[-1].synchronize()
+            ev = self.events
+            spans = [ev[i].elapsed_time(ev[i + 1]) for i in range(0, len(ev) - 1, 2)]
+            waits = [ev[i].elapsed_time(ev[i + 1]) for i in range(1, len(ev) - 2, 2)]
+            print(f"[worker {rank}] device ms/step (median / mean): step's work {statistics.median(spans):.3f} / "
+                  f"{sum(spans) / len(spans):.3f}, idle before the next step {statistics.median(waits):.3f} / "
+                  f"{sum(waits) / len(waits):.3f}", file=sys.stderr, flush=True)
 
 
 def run_torchrun_worker() -> None:
