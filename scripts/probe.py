@@ -1,6 +1,6 @@
 """GPU only, exploratory: candidate kernels against what the engine runs (the engine does not import this).
 
-    python scripts/probe.py [--json out.json] [--only small,attn,split1,order,blocks,dgemm,lmhead,qkvrope,prefill,prefillpack,fa2,sampler]
+    python scripts/probe.py [--json out.json] [--only small,attn,split1,order,twin,blocks,dgemm,lmhead,qkvrope,prefill,prefillpack,fa2,sampler]
 
 - small: workers.kernels.small_linear against cuBLAS at 1-4 rows (and cuBLAS at 8), per Qwen3-0.6B layer GEMM;
 - attn: the decode kernel over splits (1, 2 and the rule's S, S / 2, 2 S) x tile x stages (PROBE_STAGES,
@@ -22,6 +22,8 @@
   (PROBE_ROWS: the batch sizes, comma-separated);
 - order: the engine's decode attention at bench.py's contexts by batch (PROBE_BATCHES), sequences in drawn
   order, longest first and shortest first (PROBE_SPLITS: split counts to time besides the rule's);
+- twin: the decode graphs with a one-split twin, 90-100 % full of bench.py's contexts longest first, the
+  rule's split count against one split (PROBE_BATCHES, PROBE_SEEDS);
 - blocks: the engine's decode attention by KV block size (16, 64, 128) and block placement (random over an
   engine-sized pool, or each sequence's blocks contiguous), at batch 8 / 64 / 256 with bench contexts;
 - sampler: workers.kernels.sampling.gumbel_argmax at batch 1-256 over Qwen3's vocabulary, and torch.argmax
@@ -129,6 +131,34 @@ def probe_order(bw, results):
         print(f"B={batch:>3} S={s} ctx {min(drawn)}-{max(drawn)}: " +
               "  ".join(f"{k} {v * 1e6:6.1f} ({100 * floor / v:.1f}%)" for k, v in row.items()), flush=True)
         results["order"].append(dict(batch=batch, splits=s, floor_s=floor, **row))
+
+
+def probe_twin(bw, results):
+    """The decode graphs that have a one-split twin (PROBE_BATCHES: graph sizes, default 48,64,80,96), filled
+    to 90 % and 100 % with bench.py's contexts in the engine's order (longest first, padded rows last with
+    context 0): the rule's split count against one split, over PROBE_SEEDS draws (default 4)."""
+    dev = torch.device("cuda")
+    max_blocks = 4096 // BLOCK
+    print("\n== one-split twin at bench.py's contexts, rows longest first (us/layer)")
+    seeds = int(os.environ.get("PROBE_SEEDS", "4"))
+    for size in [int(b) for b in os.environ.get("PROBE_BATCHES", "48,64,80,96").split(",")]:
+        s = ta.choose_num_splits(size, HKV, max_blocks, BLOCK, device_sms(dev))
+        q = torch.randn(size, HQ, D, device=dev, dtype=torch.bfloat16)
+        out = torch.empty_like(q)
+        for fill in (0.9, 1.0):
+            rows = -(-int(size * fill * 10) // 10)
+            times = {"rule": [], "one": []}
+            for seed in range(seeds):
+                ctx = sorted(contexts(rows, random.Random(seed)), reverse=True) + [0] * (size - rows)
+                caches, table, lens = paged_caches(ctx, dev, max_blocks)
+                times["rule"].append(graph_time(lambda i: ta._decode_launch(q, *caches[i], table, lens, 0.088, s, out)))
+                times["one"].append(graph_time(lambda i: ta._decode_launch(q, *caches[i], table, lens, 0.088, 1, out)))
+                del caches
+            rule, one = (sum(v) / len(v) for v in (times["rule"], times["one"]))
+            print(f"graph {size:>3} rows {rows:>3}: rule S={s} {rule * 1e6:6.1f}  one split {one * 1e6:6.1f}  "
+                  f"({one / rule:.3f}; per draw {' '.join(f'{a / b:.3f}' for a, b in zip(times['one'], times['rule']))})",
+                  flush=True)
+            results["twin"].append(dict(size=size, rows=rows, splits=s, rule=times["rule"], one=times["one"]))
 
 
 def probe_block_sizes(bw, results):
@@ -513,12 +543,13 @@ def main():
     bw = measure_copy_bandwidth()
     print(f"copy bandwidth {bw / 1e9:,.0f} GB/s")
     results = {"copy_bandwidth": bw, "attention": [], "decode_gemm": [], "small_linear": [], "qkv_rope": [], "prefill": [], "sampler": [],
-               "single_split": [], "lm_head": [], "blocks": [], "prefill_packed": [], "prefill_fa2": [], "order": []}
+               "single_split": [], "lm_head": [], "blocks": [], "prefill_packed": [], "prefill_fa2": [], "order": [], "twin": []}
     parts = args.only.split(",")
     t0 = time.time()
     for part, fn in (("small", lambda: probe_small_linear(bw, results)), ("attn", lambda: probe_attention(bw, results)),
                      ("split1", lambda: probe_single_split(bw, results)),
                      ("order", lambda: probe_order(bw, results)),
+                     ("twin", lambda: probe_twin(bw, results)),
                      ("blocks", lambda: probe_block_sizes(bw, results)),
                      ("dgemm", lambda: probe_decode_gemm(bw, results)),
                      ("lmhead", lambda: probe_lm_head(bw, results)),

@@ -21,6 +21,7 @@ from workers.kernels.triton_attention import (  # noqa: E402
     _prefill_launch,
     choose_num_splits,
     has_single_split_variant,
+    single_split_one_wave_rows,
     paged_decode_attention,
     paged_prefill_attention,
     prefill_seq_groups,
@@ -254,6 +255,10 @@ def test_single_split_variant_rule():
     assert has_single_split_variant(96, 8, 256, 16, num_sms=132)
     assert not has_single_split_variant(32, 8, 256, 16, num_sms=132)  # 256 programs
     assert not has_single_split_variant(128, 8, 256, 16, num_sms=132)  # the rule already takes one split
+    # its grid holds 4 programs an SM at once: 66 rows of 8 KV heads on 132 SMs (528 programs) are one wave,
+    # so the 80- and 96-row graphs (filled >= 90 %: 72+, 87+ rows) run in waves, the 64-row graph does not
+    assert single_split_one_wave_rows(8, num_sms=132) == 66
+    assert single_split_one_wave_rows(4, num_sms=132) == 132
 
 
 def test_single_split_tiles():

@@ -35,8 +35,10 @@ GRAPH_RESERVE_BYTES = 512 << 20  # kept free for CUDA graphs and allocator slack
 # its longest context is at most SINGLE_SPLIT_MAX_OVER_MEAN times the mean: on an H200 equal contexts gained
 # 10-12 % a layer at batch 64 (scripts/probe.py split1), while bench.py's late steps, whose contexts spread
 # over ~[1000, 1900] (longest / mean ~1.3), ran their 33-64-sequence steps 2.3 % slower with it
-# (2026-12-01); the cut between the two is not measured finer. And only when its sequences fill at least
-# SINGLE_SPLIT_MIN_ROWS of the graph's rows: full graphs are what was measured.
+# (2026-12-01); the cut between the two is not measured finer. Spread contexts do not keep it from graphs
+# whose one-split programs run in several waves (80 and 96 rows at 8 KV heads on 132 SMs): with the rows
+# longest first (launch) those gained at bench.py's contexts (docs/kernels.md, "Dispatch order"). And only
+# when its sequences fill at least SINGLE_SPLIT_MIN_ROWS of the graph's rows: full graphs are what was measured.
 SINGLE_SPLIT_MAX_OVER_MEAN = 1.15
 SINGLE_SPLIT_MIN_ROWS = 0.9
 PREFILL_GRAPH_TOKENS = (64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)  # see prefill_graph_sizes
@@ -144,6 +146,7 @@ class ModelRunner:
         self.prefill_graphs: Dict[int, tuple] = {}  # tokens -> (graph, its output)
         # decode size -> (graphs, outputs) of its one-KV-split twin, where it has one
         self.single_split_graphs: Dict[int, tuple] = {}
+        self.single_split_one_wave_rows = 0  # set with those graphs (triton_attention.single_split_one_wave_rows)
         seqs, tokens = config.max_num_seqs, config.max_num_batched_tokens
         self.staging = Staging(device, {
             torch.int64: 4 * tokens + 8 * seqs + 16 * Staging.ALIGN,
@@ -285,6 +288,9 @@ class ModelRunner:
                                         replace(meta, decode_splits=1))
                 graphs, outputs, pool = self._capture(run, pool, instances=2)
                 self.single_split_graphs[size] = (graphs, outputs)
+                from workers.kernels.triton_attention import device_sms, single_split_one_wave_rows
+                kv_heads = self.model.attention_layers()[0].num_kv_heads  # this rank's
+                self.single_split_one_wave_rows = single_split_one_wave_rows(kv_heads, device_sms(dev))
         torch.cuda.synchronize(dev)
         self._capture_prefill_graphs(pool)
 
@@ -298,6 +304,13 @@ class ModelRunner:
         return has_single_split_variant(size, kv_heads, self.max_blocks_per_seq, self.block_size,
                                         device_sms(self.device))
 
+def single_split_one_wave_rows(num_kv_heads: int, num_sms: int) -> int:
+    """The most decode rows whose one-split grid the GPU holds at once. Above it the programs run in several
+    waves, and with the rows longest context first (ModelRunner.launch) those that finish early make room for
+    the rest, so spread contexts cost one split little; in a single wave the step waits on its longest
+    context, and a spread favours the rule's splits (H200, scripts/probe.py "twin", docs/kernels.md
+    "Dispatch order")."""
+    return _MAX_RESIDENT_PROGRAMS_PER_SM * num_sms // max(1, num_kv_heads)
     def _token_buffers(self, rows: int) -> Dict[str, torch.Tensor]:
         """A graph's per-token input buffers (filled by ``_put_token_inputs``); slot -1 = padding."""
         dev = self.device
@@ -582,9 +595,11 @@ class ModelRunner:
         instance = self.staging.turn  # alternates every step
         graphs, outputs = self.graphs[size], self.graph_outputs[size]
         if size in self.single_split_graphs and batch >= SINGLE_SPLIT_MIN_ROWS * size:
-            # one split walks each whole context: only when none is much longer than the mean
+            # one split walks each whole context: when none is much longer than the mean, or when its programs
+            # run in several waves (then the rows' longest-first order balances them)
             ends = inp["ends"]
-            if ends.max() * batch <= SINGLE_SPLIT_MAX_OVER_MEAN * ends.sum():
+            if (batch > self.single_split_one_wave_rows
+                    or ends.max() * batch <= SINGLE_SPLIT_MAX_OVER_MEAN * ends.sum()):
                 graphs, outputs = self.single_split_graphs[size]
         graphs[instance].replay()
         return outputs[instance][:batch]

@@ -57,6 +57,9 @@ _SINGLE_SPLIT_PROGRAMS_PER_SM = 6
 # the 33-64-sequence steps 2.3 % slower. So those decode graphs are captured twice and the model runner
 # picks per step (model_runner.ModelRunner._run_graph: a nearly full graph with even contexts).
 _SINGLE_SPLIT_VARIANT_PROGRAMS_PER_SM = 2.5
+# The most decode programs an SM holds at once: four with 64-token tiles (124 registers a thread, 38.5 KB of
+# shared memory; three with 128-token ones), scripts/kernel_resources.py.
+_MAX_RESIDENT_PROGRAMS_PER_SM = 4
 
 
 # --------------------------------------------------------------------------------------------------
@@ -353,6 +356,15 @@ def has_single_split_variant(batch: int, num_kv_heads: int, max_blocks_per_seq: 
     _SINGLE_SPLIT_VARIANT_PROGRAMS_PER_SM): the rule splits it, yet its rows give >= 2.5 programs per SM."""
     return (choose_num_splits(batch, num_kv_heads, max_blocks_per_seq, block_size, num_sms) > 1
             and batch * num_kv_heads >= _SINGLE_SPLIT_VARIANT_PROGRAMS_PER_SM * num_sms)
+
+
+def single_split_one_wave_rows(num_kv_heads: int, num_sms: int) -> int:
+    """The most decode rows whose one-split grid the GPU holds at once. Above it the programs run in several
+    waves, and with the rows longest context first (ModelRunner.launch) those that finish early make room for
+    the rest, so spread contexts cost one split little; in a single wave the step waits on its longest
+    context, and a spread favours the rule's splits (H200, scripts/probe.py "twin", docs/kernels.md
+    "Dispatch order")."""
+    return _MAX_RESIDENT_PROGRAMS_PER_SM * num_sms // max(1, num_kv_heads)
 
 
 def _decode_config(num_splits: int, block_d: int, elem_bytes: int, programs: int, num_sms: int):
