@@ -304,13 +304,6 @@ class ModelRunner:
         return has_single_split_variant(size, kv_heads, self.max_blocks_per_seq, self.block_size,
                                         device_sms(self.device))
 
-def single_split_one_wave_rows(num_kv_heads: int, num_sms: int) -> int:
-    """The most decode rows whose one-split grid the GPU holds at once. Above it the programs run in several
-    waves, and with the rows longest context first (ModelRunner.launch) those that finish early make room for
-    the rest, so spread contexts cost one split little; in a single wave the step waits on its longest
-    context, and a spread favours the rule's splits (H200, scripts/probe.py "twin", docs/kernels.md
-    "Dispatch order")."""
-    return _MAX_RESIDENT_PROGRAMS_PER_SM * num_sms // max(1, num_kv_heads)
     def _token_buffers(self, rows: int) -> Dict[str, torch.Tensor]:
         """A graph's per-token input buffers (filled by ``_put_token_inputs``); slot -1 = padding."""
         dev = self.device
