@@ -288,9 +288,10 @@ class ModelRunner:
                                         replace(meta, decode_splits=1))
                 graphs, outputs, pool = self._capture(run, pool, instances=2)
                 self.single_split_graphs[size] = (graphs, outputs)
-                from workers.kernels.triton_attention import device_sms, single_split_one_wave_rows
-                kv_heads = self.model.attention_layers()[0].num_kv_heads  # this rank's
-                self.single_split_one_wave_rows = single_split_one_wave_rows(kv_heads, device_sms(dev))
+        if self.single_split_graphs:
+            from workers.kernels.triton_attention import device_sms, single_split_one_wave_rows
+            kv_heads = self.model.attention_layers()[0].num_kv_heads  # this rank's
+            self.single_split_one_wave_rows = single_split_one_wave_rows(kv_heads, device_sms(dev))
         torch.cuda.synchronize(dev)
         self._capture_prefill_graphs(pool)
 

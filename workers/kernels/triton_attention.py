@@ -55,7 +55,8 @@ _SINGLE_SPLIT_PROGRAMS_PER_SM = 6
 # equal contexts and by up to 49 % (never losing more than 0.4 %) with contexts spread over [L / 2, L]; but
 # in bench.py, whose late contexts spread over ~[1000, 1900], taking it at every step of those sizes made
 # the 33-64-sequence steps 2.3 % slower. So those decode graphs are captured twice and the model runner
-# picks per step (model_runner.ModelRunner._run_graph: a nearly full graph with even contexts).
+# picks per step (model_runner.ModelRunner._run_graph: a nearly full graph with even contexts, or one whose
+# one-split grid runs in several waves, single_split_one_wave_rows).
 _SINGLE_SPLIT_VARIANT_PROGRAMS_PER_SM = 2.5
 # The most decode programs an SM holds at once: four with 64-token tiles (124 registers a thread, 38.5 KB of
 # shared memory; three with 128-token ones), scripts/kernel_resources.py.
