@@ -1,8 +1,7 @@
 """GPU only, exploratory: candidate kernels against what the engine runs (the engine does not import this).
 
-    python scripts/probe.py [--json out.json] [--only small,attn,split1,order,twin,blocks,dgemm,lmhead,qkvrope,prefill,prefillpack,fa2,sampler]
+    python scripts/probe.py [--json out.json] [--only attn,split1,order,twin,blocks,dgemm,lmhead,qkvrope,prefill,prefillpack,fa2,sampler]
 
-- small: workers.kernels.small_linear against cuBLAS at 1-4 rows (and cuBLAS at 8), per Qwen3-0.6B layer GEMM;
 - attn: the decode kernel over splits (1, 2 and the rule's S, S / 2, 2 S) x tile x stages (PROBE_STAGES,
   default 2,3,4; 4 warps) at PROBE_BATCHES (default 256,128,64,8; also 32, 48, 80, 96 with bench_latency's
   512-768-token contexts, 64F with 640 tokens each, and 64L, 32L with bench.py's late 900-2000-token ones);
@@ -45,7 +44,6 @@ import time
 
 import torch
 import triton
-import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -63,7 +61,7 @@ def probe_attention(bw, results):
     dev = torch.device("cuda")
     rng = random.Random(0)
     max_blocks = 4096 // BLOCK
-    print(f"\n== decode attention variants (us/layer, % of K/V read at copy bw)")
+    print("\n== decode attention variants (us/layer, % of K/V read at copy bw)")
     # (label, batch, context range): bench_latency's contexts (512-768) and, "L", bench.py's late, long ones
     cases = [(str(b), b, 512, 768) for b in (8, 32, 48, 64, 80, 96)] + [
         ("256", 256, 1024, 1063), ("128", 128, 900, 1300), ("64L", 64, 900, 2000), ("32L", 32, 900, 2000),
@@ -538,15 +536,15 @@ def probe_qkv_rope(bw, results):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--json")
-    p.add_argument("--only", default="small,attn,dgemm,qkvrope")  # also split1, lmhead, prefill, sampler
+    p.add_argument("--only", default="attn,dgemm,qkvrope")  # the other parts: the docstring
     args = p.parse_args()
     bw = measure_copy_bandwidth()
     print(f"copy bandwidth {bw / 1e9:,.0f} GB/s")
-    results = {"copy_bandwidth": bw, "attention": [], "decode_gemm": [], "small_linear": [], "qkv_rope": [], "prefill": [], "sampler": [],
+    results = {"copy_bandwidth": bw, "attention": [], "decode_gemm": [], "qkv_rope": [], "prefill": [], "sampler": [],
                "single_split": [], "lm_head": [], "blocks": [], "prefill_packed": [], "prefill_fa2": [], "order": [], "twin": []}
     parts = args.only.split(",")
     t0 = time.time()
-    for part, fn in (("small", lambda: probe_small_linear(bw, results)), ("attn", lambda: probe_attention(bw, results)),
+    for part, fn in (("attn", lambda: probe_attention(bw, results)),
                      ("split1", lambda: probe_single_split(bw, results)),
                      ("order", lambda: probe_order(bw, results)),
                      ("twin", lambda: probe_twin(bw, results)),
