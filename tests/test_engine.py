@@ -246,3 +246,20 @@ def test_decode_rows_run_longest_context_first(tiny_models):
     tokens = dict(zip(first.req_ids, first.token_ids))
     expected = hf_greedy(path, prompts, 2)
     assert {r: [tokens[r], t] for r, t in zip(second.req_ids, second.token_ids)} == dict(enumerate(expected))
+
+
+def test_one_split_twin_choice():
+    """When a decode step takes its graph's one-KV-split twin (hand-worked cases; 66 rows are one wave of the
+    one-split grid at 8 KV heads on 132 SMs)."""
+    import numpy as np
+
+    from workers.model_runner import use_single_split
+
+    wave = 66
+    assert use_single_split(np.full(64, 640), 64, wave)  # even contexts, a full graph
+    assert not use_single_split(np.full(57, 640), 64, wave)  # below 90 % of the rows
+    spread = np.linspace(750, 1720, 96).astype(int)  # bench.py's late contexts: longest / mean 1.4
+    assert not use_single_split(spread[:64], 64, wave)  # one wave: it would wait on its longest context
+    assert use_single_split(spread, 96, wave)  # several waves, rows longest first: balanced
+    skewed = np.array([8000] + [700] * 95)  # one context 10x the others (7.7x the mean): kept split
+    assert not use_single_split(skewed, 96, wave)

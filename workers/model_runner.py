@@ -32,16 +32,33 @@ from workers.sampler import SamplingBatch, sample
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 GRAPH_RESERVE_BYTES = 512 << 20  # kept free for CUDA graphs and allocator slack when sizing the KV cache
 # A decode step takes its graph's one-KV-split twin (triton_attention.has_single_split_variant) only when
-# its longest context is at most SINGLE_SPLIT_MAX_OVER_MEAN times the mean: on an H200 equal contexts gained
-# 10-12 % a layer at batch 64 (scripts/probe.py split1), while bench.py's late steps, whose contexts spread
-# over ~[1000, 1900] (longest / mean ~1.3), ran their 33-64-sequence steps 2.3 % slower with it
-# (2026-12-01); the cut between the two is not measured finer. Spread contexts do not keep it from graphs
-# whose one-split programs run in several waves (80 and 96 rows at 8 KV heads on 132 SMs): with the rows
-# longest first (launch) those gained at bench.py's contexts (docs/kernels.md, "Dispatch order"). And only
-# when its sequences fill at least SINGLE_SPLIT_MIN_ROWS of the graph's rows: full graphs are what was measured.
-SINGLE_SPLIT_MAX_OVER_MEAN = 1.15
+# its sequences fill at least SINGLE_SPLIT_MIN_ROWS of the graph's rows (full graphs are what was measured),
+# and then (use_single_split):
+# - when its longest context is at most SINGLE_SPLIT_MAX_OVER_MEAN times the mean: on an H200 equal contexts
+#   gained 10-12 % a layer at batch 64 (scripts/probe.py split1), while bench.py's late steps, whose contexts
+#   spread over ~[1000, 1900] (longest / mean ~1.3), ran their 33-64-sequence steps 2.3 % slower with it
+#   (2026-12-01); the cut between the two is not measured finer;
+# - or when its one-split programs run in several waves (80 and 96 rows at 8 KV heads on 132 SMs) and the
+#   longest context is at most SINGLE_SPLIT_WAVES_MAX_OVER_MEAN times the mean: with the rows longest first
+#   (launch), bench.py's spread contexts (longest / mean ~1.4 there) gained 2-6 % a layer (docs/kernels.md,
+#   "Dispatch order"). The cap is not measured: a program walking a context alone reads ~20 GB/s, so at
+#   ~4 TB/s over 8 KV heads a context beyond ~3x the mean would outlast the rest of the grid.
 SINGLE_SPLIT_MIN_ROWS = 0.9
+SINGLE_SPLIT_MAX_OVER_MEAN = 1.15
+SINGLE_SPLIT_WAVES_MAX_OVER_MEAN = 2.0
 PREFILL_GRAPH_TOKENS = (64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)  # see prefill_graph_sizes
+
+
+def use_single_split(ends: np.ndarray, graph_rows: int, one_wave_rows: int) -> bool:
+    """Whether a decode step with contexts ``ends`` takes the one-split twin of its ``graph_rows``-row graph
+    (see SINGLE_SPLIT_MIN_ROWS above); ``one_wave_rows``: triton_attention.single_split_one_wave_rows."""
+    batch = len(ends)
+    if batch < SINGLE_SPLIT_MIN_ROWS * graph_rows:
+        return False
+    longest_times_batch, total = int(ends.max()) * batch, int(ends.sum())
+    if longest_times_batch <= SINGLE_SPLIT_MAX_OVER_MEAN * total:
+        return True
+    return batch > one_wave_rows and longest_times_batch <= SINGLE_SPLIT_WAVES_MAX_OVER_MEAN * total
 
 
 @dataclass
@@ -588,13 +605,8 @@ class ModelRunner:
         put(g["block_tables"][:batch, :inp["width"]], self.block_table[inp["rows"], :inp["width"]])
         instance = self.staging.turn  # alternates every step
         graphs, outputs = self.graphs[size], self.graph_outputs[size]
-        if size in self.single_split_graphs and batch >= SINGLE_SPLIT_MIN_ROWS * size:
-            # one split walks each whole context: when none is much longer than the mean, or when its programs
-            # run in several waves (then the rows' longest-first order balances them)
-            ends = inp["ends"]
-            if (batch > self.single_split_one_wave_rows
-                    or ends.max() * batch <= SINGLE_SPLIT_MAX_OVER_MEAN * ends.sum()):
-                graphs, outputs = self.single_split_graphs[size]
+        if size in self.single_split_graphs and use_single_split(inp["ends"], size, self.single_split_one_wave_rows):
+            graphs, outputs = self.single_split_graphs[size]
         graphs[instance].replay()
         return outputs[instance][:batch]
 
