@@ -527,7 +527,8 @@ class ModelRunner:
         if self.ctx.rank == 0 and self.needs_history(plan):
             flush_previous()  # penalties need the previous step's tokens on the host
         scheduled = self.apply_plan(plan)
-        if len(scheduled) > 1 and all(n == 1 for _, n, _ in scheduled):
+        is_decode = all(n == 1 for _, n, _ in scheduled)  # every row one new token
+        if is_decode and len(scheduled) > 1:
             # Decode: longest context first. The attention's programs start in batch order and, at large
             # batch (one KV split), each walks its sequence's whole context; started last, the long ones
             # would run on an otherwise idle GPU. Rows are independent and results keyed by request id,
@@ -540,7 +541,6 @@ class ModelRunner:
         inp = self._prepare(scheduled)
         dev = self.device
         batch = len(scheduled)
-        is_decode = int(inp["q_lens"].max()) == 1
         fitting = [size for size in self.graphs if size >= batch] if is_decode else []
         num_tokens = int(inp["cu"][-1])
         prefill_fitting = [size for size in self.prefill_graphs if size >= num_tokens] \

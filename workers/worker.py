@@ -8,6 +8,7 @@ is sent to the engine as a ``WorkerError`` naming this rank before the process e
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import os
 import signal
@@ -221,14 +222,16 @@ class StepTiming:
     def __init__(self, device):
         self.rows = []
         self.events = [] if device.type == "cuda" else None
+        if self.events is not None:
+            import torch
+            self._new_event = functools.partial(torch.cuda.Event, enable_timing=True)
 
     def add(self, waiting: float, launching: float, reporting: float) -> None:
         self.rows.append((waiting, launching, reporting))
 
     def mark_device(self) -> None:
         if self.events is not None:
-            import torch
-            event = torch.cuda.Event(enable_timing=True)
+            event = self._new_event()
             event.record()
             self.events.append(event)
 

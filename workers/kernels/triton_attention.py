@@ -385,7 +385,7 @@ def _decode_config(num_splits: int, block_d: int, elem_bytes: int, programs: int
     if block_d > 128:
         return 32, 4, 2
     if num_splits == 1 and elem_bytes <= 2:
-        return (64, 4, 3) if 3 * num_sms < programs <= 4 * num_sms else (128, 4, 3)
+        return (64, 4, 3) if 3 * num_sms < programs <= _MAX_RESIDENT_PROGRAMS_PER_SM * num_sms else (128, 4, 3)
     return 64, 4, 2
 
 
