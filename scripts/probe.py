@@ -1,6 +1,6 @@
 """GPU only, exploratory: candidate kernels against what the engine runs (the engine does not import this).
 
-    python scripts/probe.py [--json out.json] [--only attn,split1,order,twin,blocks,dgemm,lmhead,qkvrope,prefill,prefillpack,fa2,sampler]
+    python scripts/probe.py [--json out.json] [--only attn,split1,order,twin,twinskew,blocks,dgemm,lmhead,qkvrope,prefill,prefillpack,fa2,sampler]
 
 - attn: the decode kernel over splits (1, 2 and the rule's S, S / 2, 2 S) x tile x stages (PROBE_STAGES,
   default 2,3,4; 4 warps) at PROBE_BATCHES (default 256,128,64,8; also 32, 48, 80, 96 with bench_latency's
@@ -23,6 +23,8 @@
   order, longest first and shortest first (PROBE_SPLITS: split counts to time besides the rule's);
 - twin: the decode graphs with a one-split twin, 90-100 % full of bench.py's contexts longest first, the
   rule's split count against one split (PROBE_BATCHES, PROBE_SEEDS);
+- twinskew: the one-split twin's guard: full 80- and 96-row graphs of bench.py's contexts with one context k x
+  the mean (PROBE_SKEW), the rule's split count against one split;
 - blocks: the engine's decode attention by KV block size (16, 64, 128) and block placement (random over an
   engine-sized pool, or each sequence's blocks contiguous), at batch 8 / 64 / 256 with bench contexts;
 - sampler: workers.kernels.sampling.gumbel_argmax at batch 1-256 over Qwen3's vocabulary, and torch.argmax
@@ -157,6 +159,30 @@ def probe_twin(bw, results):
                   f"({one / rule:.3f}; per draw {' '.join(f'{a / b:.3f}' for a, b in zip(times['one'], times['rule']))})",
                   flush=True)
             results["twin"].append(dict(size=size, rows=rows, splits=s, rule=times["rule"], one=times["one"]))
+
+
+def probe_twin_skew(bw, results):
+    """The one-split twin's guard (model_runner.SINGLE_SPLIT_WAVES_MAX_OVER_MEAN): full decode graphs
+    (PROBE_BATCHES, default 80,96) of bench.py's contexts in which one sequence is k times the batch's mean
+    context (PROBE_SKEW, default 1.5,2,2.5,3,4), longest first: the rule's split count against one split."""
+    dev = torch.device("cuda")
+    max_blocks = 4096 // BLOCK  # the engine's table width at bench.py's max_model_len sets the split count
+    print("\n== one-split twin with one context k x the mean, rows longest first (us/layer)")
+    for size in [int(b) for b in os.environ.get("PROBE_BATCHES", "80,96").split(",")]:
+        s = ta.choose_num_splits(size, HKV, max_blocks, BLOCK, device_sms(dev))
+        q = torch.randn(size, HQ, D, device=dev, dtype=torch.bfloat16)
+        out = torch.empty_like(q)
+        for k in [float(x) for x in os.environ.get("PROBE_SKEW", "1.5,2,2.5,3,4").split(",")]:
+            others = contexts(size - 1, random.Random(0))
+            # long / mean = k with the mean over all rows: long = k * sum(others) / (size - k)
+            ctx = [round(k * sum(others) / (size - k))] + sorted(others, reverse=True)
+            caches, table, lens = paged_caches(ctx, dev, -(-max(ctx) // BLOCK))
+            rule = graph_time(lambda i: ta._decode_launch(q, *caches[i], table, lens, 0.088, s, out))
+            one = graph_time(lambda i: ta._decode_launch(q, *caches[i], table, lens, 0.088, 1, out))
+            del caches
+            print(f"graph {size:>3} longest {ctx[0]:>5} = {k:.1f} x mean: rule S={s} {rule * 1e6:6.1f}  one split "
+                  f"{one * 1e6:6.1f}  ({one / rule:.3f})", flush=True)
+            results["twin_skew"].append(dict(size=size, k=k, longest=ctx[0], splits=s, rule=rule, one=one))
 
 
 def probe_block_sizes(bw, results):
@@ -541,13 +567,14 @@ def main():
     bw = measure_copy_bandwidth()
     print(f"copy bandwidth {bw / 1e9:,.0f} GB/s")
     results = {"copy_bandwidth": bw, "attention": [], "decode_gemm": [], "qkv_rope": [], "prefill": [], "sampler": [],
-               "single_split": [], "lm_head": [], "blocks": [], "prefill_packed": [], "prefill_fa2": [], "order": [], "twin": []}
+               "single_split": [], "lm_head": [], "blocks": [], "prefill_packed": [], "prefill_fa2": [], "order": [], "twin": [], "twin_skew": []}
     parts = args.only.split(",")
     t0 = time.time()
     for part, fn in (("attn", lambda: probe_attention(bw, results)),
                      ("split1", lambda: probe_single_split(bw, results)),
                      ("order", lambda: probe_order(bw, results)),
                      ("twin", lambda: probe_twin(bw, results)),
+                     ("twinskew", lambda: probe_twin_skew(bw, results)),
                      ("blocks", lambda: probe_block_sizes(bw, results)),
                      ("dgemm", lambda: probe_decode_gemm(bw, results)),
                      ("lmhead", lambda: probe_lm_head(bw, results)),
