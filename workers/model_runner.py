@@ -41,8 +41,8 @@ GRAPH_RESERVE_BYTES = 512 << 20  # kept free for CUDA graphs and allocator slack
 # - or when its one-split programs run in several waves (80 and 96 rows at 8 KV heads on 132 SMs) and the
 #   longest context is at most SINGLE_SPLIT_WAVES_MAX_OVER_MEAN times the mean: with the rows longest first
 #   (launch), bench.py's spread contexts (longest / mean ~1.4 there) gained 2-6 % a layer (docs/kernels.md,
-#   "Dispatch order"). The cap is not measured: a program walking a context alone reads ~20 GB/s, so at
-#   ~4 TB/s over 8 KV heads a context beyond ~3x the mean would outlast the rest of the grid.
+#   "Dispatch order"). The cap is measured (scripts/probe.py twinskew, H200): with one context k x the mean,
+#   one split stops gaining at 80 rows above k = 2 (1.013 of the rule's time at 2.5) and at 96 rows above 2.5.
 SINGLE_SPLIT_MIN_ROWS = 0.9
 SINGLE_SPLIT_MAX_OVER_MEAN = 1.15
 SINGLE_SPLIT_WAVES_MAX_OVER_MEAN = 2.0
