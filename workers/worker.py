@@ -142,7 +142,8 @@ def _serve_steps(channel: WorkerChannel, runner, rank: int, parent_pid: int) -> 
         flush_previous()
         unfinished.append(handle)
         if timing is not None:
-            timing.add(t1 - t0, t2 - t1, time.perf_counter() - t2)
+            timing.add(t1 - t0, t2 - t1, time.perf_counter() - t2,
+                       prefill=bool(message.new_requests) or any(n > 1 for n in message.running_num_tokens))
     flush_previous()
     if python_profiler is not None:  # the run ended inside the window
         _python_profile_window(python_profiler, cprofile_dir, rank)
@@ -226,8 +227,8 @@ class StepTiming:
             import torch
             self._new_event = functools.partial(torch.cuda.Event, enable_timing=True)
 
-    def add(self, waiting: float, launching: float, reporting: float) -> None:
-        self.rows.append((waiting, launching, reporting))
+    def add(self, waiting: float, launching: float, reporting: float, prefill: bool) -> None:
+        self.rows.append((waiting, launching, reporting, prefill))
 
     def mark_device(self) -> None:
         if self.events is not None:
@@ -253,6 +254,18 @@ class StepTiming:
             print(f"[worker {rank}] device ms/step (median / mean): step's work {statistics.median(spans):.3f} / "
                   f"{sum(spans) / len(spans):.3f}, idle before the next step {statistics.median(waits):.3f} / "
                   f"{sum(waits) / len(waits):.3f}", file=sys.stderr, flush=True)
+            # the steps with prompt tokens apart: eager, and the host launches each layer's kernels itself,
+            # so when the launch takes longer than the device the step's span is the host's time
+            prefill = [i for i, row in enumerate(self.rows) if row[3] and i < len(spans)]
+            if prefill:
+                launch = [1e3 * self.rows[i][1] for i in prefill]
+                span = [spans[i] for i in prefill]
+                idle = [waits[i - 1] for i in prefill if 0 < i <= len(waits)]
+                print(f"[worker {rank}] {len(prefill)} steps with prompt tokens, ms/step (median / mean): launch "
+                      f"{statistics.median(launch):.3f} / {sum(launch) / len(launch):.3f}, device span "
+                      f"{statistics.median(span):.3f} / {sum(span) / len(span):.3f}, idle before it "
+                      f"{statistics.median(idle) if idle else 0:.3f} / {sum(idle) / max(len(idle), 1):.3f}",
+                      file=sys.stderr, flush=True)
 
 
 def run_torchrun_worker() -> None:
