@@ -218,7 +218,8 @@ class StepTiming:
     """NANOVLLM_STEP_TIMING=1: where a worker's wall time goes, printed at shutdown (for profiling). On CUDA
     also the device's side: an event before and after each step's work is queued, so the device time from
     one to the other is the step's (its copies, graph and sampler), and from a step's end to the next one's
-    start the device waited for this host."""
+    start the device waited for this host. The steps with prompt tokens (eager, their kernels launched one by
+    one by this host) are also reported on their own."""
 
     def __init__(self, device):
         self.rows = []
