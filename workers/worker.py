@@ -218,8 +218,8 @@ class StepTiming:
     """NANOVLLM_STEP_TIMING=1: where a worker's wall time goes, printed at shutdown (for profiling). On CUDA
     also the device's side: an event before and after each step's work is queued, so the device time from
     one to the other is the step's (its copies, graph and sampler), and from a step's end to the next one's
-    start the device waited for this host. The steps with prompt tokens (eager, their kernels launched one by
-    one by this host) are also reported on their own."""
+    start the device waited for this host. The steps with prompt tokens (eager unless one sequence fits a
+    prefill graph, so this host launches their kernels one by one) are also reported on their own."""
 
     def __init__(self, device):
         self.rows = []
@@ -255,8 +255,8 @@ class StepTiming:
             print(f"[worker {rank}] device ms/step (median / mean): step's work {statistics.median(spans):.3f} / "
                   f"{sum(spans) / len(spans):.3f}, idle before the next step {statistics.median(waits):.3f} / "
                   f"{sum(waits) / len(waits):.3f}", file=sys.stderr, flush=True)
-            # the steps with prompt tokens apart: eager, and the host launches each layer's kernels itself,
-            # so when the launch takes longer than the device the step's span is the host's time
+            # the steps with prompt tokens apart: mostly eager, the host launching each layer's kernels
+            # itself, so when that takes longer than the device the step's span is the host's time
             prefill = [i for i, row in enumerate(self.rows) if row[3] and i < len(spans)]
             if prefill:
                 launch = [1e3 * self.rows[i][1] for i in prefill]
