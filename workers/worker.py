@@ -252,21 +252,21 @@ class StepTiming:
             ev = self.events
             spans = [ev[i].elapsed_time(ev[i + 1]) for i in range(0, len(ev) - 1, 2)]
             waits = [ev[i].elapsed_time(ev[i + 1]) for i in range(1, len(ev) - 2, 2)]
-            print(f"[worker {rank}] device ms/step (median / mean): step's work {statistics.median(spans):.3f} / "
-                  f"{sum(spans) / len(spans):.3f}, idle before the next step {statistics.median(waits):.3f} / "
-                  f"{sum(waits) / len(waits):.3f}", file=sys.stderr, flush=True)
+            print(f"[worker {rank}] device ms/step (median / mean): step's work {_median_mean(spans)}, idle "
+                  f"before the next step {_median_mean(waits)}", file=sys.stderr, flush=True)
             # the steps with prompt tokens apart: mostly eager, the host launching each layer's kernels
             # itself, so when that takes longer than the device the step's span is the host's time
             prefill = [i for i, row in enumerate(self.rows) if row[3] and i < len(spans)]
             if prefill:
-                launch = [1e3 * self.rows[i][1] for i in prefill]
-                span = [spans[i] for i in prefill]
-                idle = [waits[i - 1] for i in prefill if 0 < i <= len(waits)]
                 print(f"[worker {rank}] {len(prefill)} steps with prompt tokens, ms/step (median / mean): launch "
-                      f"{statistics.median(launch):.3f} / {sum(launch) / len(launch):.3f}, device span "
-                      f"{statistics.median(span):.3f} / {sum(span) / len(span):.3f}, idle before it "
-                      f"{statistics.median(idle) if idle else 0:.3f} / {sum(idle) / max(len(idle), 1):.3f}",
+                      f"{_median_mean([1e3 * self.rows[i][1] for i in prefill])}, device span "
+                      f"{_median_mean([spans[i] for i in prefill])}, idle before it "
+                      f"{_median_mean([waits[i - 1] for i in prefill if 0 < i <= len(waits)])}",
                       file=sys.stderr, flush=True)
+
+
+def _median_mean(values: list) -> str:
+    return f"{statistics.median(values):.3f} / {sum(values) / len(values):.3f}" if values else "-"
 
 
 def run_torchrun_worker() -> None:
