@@ -89,14 +89,16 @@ def specs() -> list:
     out.append(_gemm("decode_gemm o_proj, 64 rows", 64, HIDDEN, HQ * D, split=True))
     out.append(_gemm("decode_gemm gate/up + SiLU, 64 rows", 64, 2 * INTER, HIDDEN, silu=True))
     out.append(_gemm("decode_gemm q/k/v, 8 rows", 8, (HQ + 2 * HKV) * D, HIDDEN))
-    qkv = dg.qkv_rope_config_for_shape(64, HIDDEN, D, 2)
-    out.append(Spec("qkv_rope", "q/k/v projection + norm + rotary + K/V store, 64 rows", dg._qkv_rope_kernel,
-                    {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "qw_ptr": "*bf16",
-                     "kw_ptr": "*bf16", "cos_sin_ptr": "*bf16", "pos_ptr": "*i64", "kc_ptr": "*bf16",
-                     "vc_ptr": "*bf16", "slot_ptr": "*i64"},
-                    dict(NUM_Q=HQ, NUM_KV=HKV, HALF=D // 2, HAS_BIAS=False, HAS_NORM=True, STORE=True,
-                         BLOCK_M=qkv.block_m, BLOCK_K=qkv.block_k, STAGES=qkv.stages, PRECISION="tf32", PDL=True),
-                    qkv.warps, qkv.stages))
+    for qk_norm in (True, False):  # without the norm: a head over two programs
+        qkv = dg.qkv_rope_config_for_shape(64, HIDDEN, D, 2, qk_norm)
+        out.append(Spec("qkv_rope", f"q/k/v projection + {'norm + ' if qk_norm else ''}rotary + K/V store, 64 rows, "
+                        f"{qkv.parts} program(s) a head", dg._qkv_rope_kernel,
+                        {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "qw_ptr": "*bf16",
+                         "kw_ptr": "*bf16", "cos_sin_ptr": "*bf16", "pos_ptr": "*i64", "kc_ptr": "*bf16",
+                         "vc_ptr": "*bf16", "slot_ptr": "*i64"},
+                        dict(NUM_Q=HQ, NUM_KV=HKV, HALF=D // 2, PARTS=qkv.parts, HAS_BIAS=False, HAS_NORM=qk_norm,
+                             STORE=True, BLOCK_M=qkv.block_m, BLOCK_K=qkv.block_k, STAGES=qkv.stages,
+                             PRECISION="tf32", PDL=True), qkv.warps, qkv.stages))
     norm_ptrs = {"x_ptr": "*fp32", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "res_out_ptr": "*bf16"}
     for splits in (0, 4):
         out.append(Spec("fused", f"residual add + RMSNorm, {splits or 'no'} split-K partial sums",

@@ -1,6 +1,6 @@
 """GPU only, exploratory: candidate kernels against what the engine runs (the engine does not import this).
 
-    python scripts/probe.py [--json out.json] [--only attn,split1,order,twin,twinskew,blocks,dgemm,lmhead,qkvrope,prefill,prefillpack,fa2,sampler]
+    python scripts/probe.py [--json out.json] [--only attn,split1,order,twin,twinskew,blocks,dgemm,lmhead,qkvrope,qkvparts,prefill,prefillpack,fa2,sampler]
 
 - attn: the decode kernel over splits (1, 2 and the rule's S, S / 2, 2 S) x tile x stages (PROBE_STAGES,
   default 2,3,4; 4 warps) at PROBE_BATCHES (default 256,128,64,8; also 32, 48, 80, 96 with bench_latency's
@@ -19,6 +19,8 @@
 - qkvrope: decode_gemm.qkv_rope (the q/k/v projection with q/k norm, rotary and the K/V cache write fused)
   over its row-tile sizes, against the projection as parallel.layers._linear runs it + fused.qk_norm_rope
   (PROBE_ROWS: the batch sizes, comma-separated);
+- qkvparts: qkv_rope without the q/k norm with a head's rotary pairs over 1, 2 or 4 programs, over row and K
+  tiles, against the normed one-program kernel and the plain projection (PROBE_ROWS);
 - order: the engine's decode attention at bench.py's contexts by batch (PROBE_BATCHES), sequences in drawn
   order, longest first and shortest first (PROBE_SPLITS: split counts to time besides the rule's);
 - twin: the decode graphs with a one-split twin, 90-100 % full of bench.py's contexts longest first, the
@@ -504,6 +506,53 @@ def probe_sampler(bw, results):
         del logits
 
 
+def probe_qkv_parts(bw, results):
+    """qkv_rope with a head's rotary pairs over 1 or 2 programs (parts), without the q/k norm (which needs a
+    whole head in one program), against the normed one-program kernel and the plain projection."""
+    from parallel.layers import _linear
+    from workers.kernels import decode_gemm as dg
+    from workers.kernels.fused import qk_norm_rope
+    dev = torch.device("cuda")
+    print("\n== qkv_rope, one or two programs a head (us per layer), 28 distinct weights per graph")
+    k_in, n = SHAPES["qkv"]
+    ws = [torch.randn(n, k_in, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(LAYERS)]
+    qw = torch.rand(D, device=dev, dtype=torch.bfloat16) + 0.5
+    kw = torch.rand(D, device=dev, dtype=torch.bfloat16) + 0.5
+    angles = torch.outer(torch.arange(4096, dtype=torch.float32), 1.0 / 1e6 ** (torch.arange(0, D, 2) / D))
+    cos_sin = torch.cat([angles.cos(), angles.sin()], -1).to(dev)
+    blocks = 256 * 2 + 1
+    caches = [(torch.zeros(blocks, BLOCK, HKV, D, device=dev, dtype=torch.bfloat16),
+               torch.zeros(blocks, BLOCK, HKV, D, device=dev, dtype=torch.bfloat16)) for _ in range(LAYERS)]
+    for m in [int(r) for r in os.environ.get("PROBE_ROWS", "2,8,16,32,64,96,128").split(",")]:
+        x = torch.randn(m, k_in, device=dev, dtype=torch.bfloat16)
+        pos = torch.randint(0, 4000, (m,), device=dev)
+        slots = torch.randperm(blocks * BLOCK, device=dev)[:m]
+        qkv = _linear(x, ws[0])
+        qk_norm_rope(qkv[:, :HQ * D].view(m, HQ, D), qkv[:, HQ * D:(HQ + HKV) * D].view(m, HKV, D), pos, cos_sin)
+        ref = qkv.float()
+        t_plain = graph_time(lambda i: _linear(x, ws[i]))
+        default = dg.qkv_rope_config_for_shape(m, k_in, D, 2)
+        t_norm = graph_time(lambda i: dg.qkv_rope(x, ws[i], None, default, HQ, HKV, D, pos, cos_sin, qw, kw, 1e-6,
+                                                  caches[i][0], caches[i][1], slots))
+        line = [f"M={m:>4}: plain projection {t_plain * 1e6:5.1f}, normed (parts 1) {t_norm * 1e6:5.1f}; no norm:"]
+        for parts, bm, bk in itertools.product((1, 2, 4), (16, 32, 64), (64, 128)):
+            if bm > max(16, triton.next_power_of_2(m)):
+                continue
+            cfg = dg.QkvRopeConfig(bm, bk, dg.pipeline_stages((D // parts + bm) * bk * 2), 4, parts)
+
+            def fused(i, cfg=cfg):
+                return dg.qkv_rope(x, ws[i], None, cfg, HQ, HKV, D, pos, cos_sin, None, None, 1e-6, caches[i][0],
+                                   caches[i][1], slots)
+            err = (fused(0).float() - ref).abs().max().item() / (ref.abs().max().item() + 1e-6)
+            if err > 2e-2:
+                line.append(f"{tuple(cfg)} wrong (rel {err:.2e})")
+                continue
+            t = graph_time(fused)
+            line.append(f"{t * 1e6:5.1f} {tuple(cfg)}")
+            results["qkv_parts"].append(dict(m=m, plain=t_plain, normed=t_norm, config=tuple(cfg), seconds=t))
+        print("\n    ".join(line), flush=True)
+
+
 def probe_qkv_rope(bw, results):
     """decode_gemm.qkv_rope against the unfused pair the model ran before it, per layer, at 2-256 rows."""
     from parallel.layers import _linear
@@ -566,7 +615,7 @@ def main():
     args = p.parse_args()
     bw = measure_copy_bandwidth()
     print(f"copy bandwidth {bw / 1e9:,.0f} GB/s")
-    results = {"copy_bandwidth": bw, "attention": [], "decode_gemm": [], "qkv_rope": [], "prefill": [], "sampler": [],
+    results = {"copy_bandwidth": bw, "attention": [], "decode_gemm": [], "qkv_rope": [], "qkv_parts": [], "prefill": [], "sampler": [],
                "single_split": [], "lm_head": [], "blocks": [], "prefill_packed": [], "prefill_fa2": [], "order": [], "twin": [], "twin_skew": []}
     parts = args.only.split(",")
     t0 = time.time()
@@ -579,6 +628,7 @@ def main():
                      ("dgemm", lambda: probe_decode_gemm(bw, results)),
                      ("lmhead", lambda: probe_lm_head(bw, results)),
                      ("qkvrope", lambda: probe_qkv_rope(bw, results)),
+                     ("qkvparts", lambda: probe_qkv_parts(bw, results)),
                      ("prefill", lambda: probe_prefill(bw, results)),
                      ("prefillpack", lambda: probe_prefill_packed(bw, results)),
                      ("fa2", lambda: probe_prefill_fa2(bw, results)),

@@ -51,6 +51,9 @@ def make_config(arch: str, **overrides):
         return LlamaConfig(tie_word_embeddings=True, rope_theta=500000.0,
                            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 256}, **kw)
+    if arch == "llama-128":  # head_dim 128, no q/k norm: on the GPU decode_gemm.qkv_rope runs a head as two programs
+        kw.update(hidden_size=256, intermediate_size=512)
+        return LlamaConfig(head_dim=128, tie_word_embeddings=False, **kw)
     if arch == "llama-uneven":  # 3 KV heads over 2 ranks: an uneven head split (like SmolLM2's 9/3 heads)
         kw.update(hidden_size=96, num_attention_heads=6, num_key_value_heads=3)
         return LlamaConfig(tie_word_embeddings=True, **kw)
@@ -77,7 +80,7 @@ def write_tiny_model(path: str, arch: str, seed: int = 0, **overrides) -> str:
 def tiny_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     return {arch: write_tiny_model(str(root / arch), arch) for arch in ("qwen3", "qwen3-wide", "qwen2", "llama", "llama3-scaled",
-                                                                         "llama-uneven")}
+                                                                         "llama-128", "llama-uneven")}
 
 
 def hf_greedy(model_dir: str, prompts, max_new_tokens: int):

@@ -253,11 +253,13 @@ def test_row_parallel_reduce_passes_split_sums_to_the_norm_or_adds_them_up():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,hq,hk,d,norm,bias,block_m", [(5, 4, 2, 32, True, False, 16), (20, 2, 1, 64, False, True, 16),
-                                                         (33, 3, 3, 32, True, True, 32)])
-def test_qkv_rope_against_float64(dtype, m, hq, hk, d, norm, bias, block_m):
+@pytest.mark.parametrize("m,hq,hk,d,norm,bias,block_m,parts", [
+    (5, 4, 2, 32, True, False, 16, 1), (20, 2, 1, 64, False, True, 16, 1), (33, 3, 3, 32, True, True, 32, 1),
+    (20, 2, 1, 64, False, True, 16, 2), (9, 4, 2, 128, False, False, 16, 2), (9, 4, 2, 128, False, False, 16, 4)])
+def test_qkv_rope_against_float64(dtype, m, hq, hk, d, norm, bias, block_m, parts):
     """The q/k/v projection with the q/k RMSNorm, rotary and K/V cache write in its epilogue: every head
-    against float64, the caches written at exactly the slots given (-1: nothing), nothing else touched."""
+    against float64, the caches written at exactly the slots given (-1: nothing), nothing else touched.
+    Without the norm also with a head's rotary pairs over 2 or 4 programs."""
     from workers.kernels import decode_gemm as dg
 
     torch.manual_seed(m + hq + d)
@@ -275,7 +277,7 @@ def test_qkv_rope_against_float64(dtype, m, hq, hk, d, norm, bias, block_m):
     v_cache = torch.full_like(k_cache, float("nan"))
     slots = torch.randperm(blocks * block_size, device=DEVICE)[:m]
     slots[1] = -1  # a padded row
-    config = dg.QkvRopeConfig(block_m=block_m, block_k=32, stages=2, warps=4)
+    config = dg.QkvRopeConfig(block_m=block_m, block_k=32, stages=2, warps=4, parts=parts)
     y = dg.qkv_rope(x, w, b, config, hq, hk, d, positions, cos_sin, qw, kw, 1e-6, k_cache, v_cache, slots)
 
     proj = (x.double() @ w.double().T + (b.double() if bias else 0)).to(dtype)  # rounded, as a GEMM writes it
@@ -296,6 +298,14 @@ def test_qkv_rope_against_float64(dtype, m, hq, hk, d, norm, bias, block_m):
 
 def test_qkv_rope_config_declines_what_it_cannot_run():
     from workers.kernels import decode_gemm as dg
+
+    # a head over head_dim / 64 programs only without the q/k norm, which needs the whole head
+    assert dg.qkv_rope_config_for_shape(64, 1024, 128, 2, qk_norm=True).parts == 1
+    assert dg.qkv_rope_config_for_shape(64, 1024, 128, 2, qk_norm=False).parts == 2
+    assert dg.qkv_rope_config_for_shape(64, 1024, 64, 2, qk_norm=False).parts == 1
+    with pytest.raises(AssertionError, match="whole head"):
+        dg.qkv_rope(torch.zeros(2, 64), torch.zeros(4 * 128, 64), None, dg.QkvRopeConfig(16, 32, 2, 4, 2), 2, 1,
+                    128, torch.zeros(2, dtype=torch.long), torch.zeros(8, 128), torch.ones(128), torch.ones(128))
 
     w = torch.empty(4 * 64, 128)
     assert dg.choose_qkv_rope_config(torch.empty(8, 128), w, 64) is None  # not CUDA

@@ -33,13 +33,14 @@ def test_greedy_float32_matches_transformers(tiny_models, tp, eager):
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-# q/k/v biases; uneven head split at TP 2; split-K partial sums (qwen3-wide)
-@pytest.mark.parametrize("arch", ["qwen3", "qwen3-wide", "qwen2", "llama-uneven"])
+# q/k/v biases; uneven head split at TP 2; split-K partial sums (qwen3-wide); heads over two programs (llama-128)
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3-wide", "qwen2", "llama-128", "llama-uneven"])
 @pytest.mark.parametrize("eager", [True, False], ids=["eager", "graphs"])
 def test_small_batches_match_transformers(tiny_models, arch, eager, tp):
     """Decode batches of 1 row (projections in workers.kernels.small_linear with the norms fused in, the
     1-row graph) and of 3 rows (workers.kernels.decode_gemm, padded to the 8-row graph; qwen3-wide's o and
-    down projections split K, and the next RMSNorm adds the partial sums)."""
+    down projections split K, and the next RMSNorm adds the partial sums; llama-128's q/k/v projection runs
+    each head as two programs)."""
     if tp > torch.cuda.device_count():
         pytest.skip(f"needs {tp} GPUs")
     path = tiny_models[arch]

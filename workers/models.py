@@ -104,7 +104,7 @@ class DecoderAttention(nn.Module):
             # decode batch sizes: q/k norms, rotary and the K/V cache write run in the projection's epilogue
             from workers.kernels import decode_gemm
             proj = self.qkv_proj
-            config = decode_gemm.choose_qkv_rope_config(x, proj.weight, self.head_dim)
+            config = decode_gemm.choose_qkv_rope_config(x, proj.weight, self.head_dim, self.qk_norm)
             if config is not None:
                 qkv = decode_gemm.qkv_rope(
                     x, proj.weight, proj.bias, config, self.num_heads, self.num_kv_heads, self.head_dim, positions,

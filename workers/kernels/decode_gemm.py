@@ -193,30 +193,45 @@ def pipeline_stages(bytes_per_stage: int) -> int:
 @triton.jit
 def _qkv_rope_kernel(x_ptr, w_ptr, b_ptr, y_ptr, qw_ptr, kw_ptr, cos_sin_ptr, pos_ptr, kc_ptr, vc_ptr, slot_ptr,
                      M, K, stride_xm, stride_wn, stride_ym, stride_cs, stride_c_slot, stride_c_h, eps,
-                     NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HALF: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     HAS_NORM: tl.constexpr, STORE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                     STAGES: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
-    """One program: one head's 2 * HALF output features for BLOCK_M rows, as two [HALF, BLOCK_M] halves (the
-    pair rotary mixes). q and k heads then get their RMSNorm and rotary, with the rounding points of
-    fused.qk_norm_rope after a plain projection; every head is written to y, and with STORE the k and v heads
-    also into the paged caches at the rows' slots (slot < 0: padding, not written)."""
+                     NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HALF: tl.constexpr, PARTS: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, STORE: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+    """One program: 2 * HALF / PARTS output features of one head for BLOCK_M rows: its share of the head's
+    rotary pairs (features d and d + HALF, which rotary mixes), as two [HALF / PARTS, BLOCK_M] halves. q and k
+    heads then get their RMSNorm and rotary, with the rounding points of fused.qk_norm_rope after a plain
+    projection; every head is written to y, and with STORE the k and v heads also into the paged caches at
+    the rows' slots (slot < 0: padding, not written). PARTS > 1 (no program has a whole head) only without
+    the norm (HAS_NORM false)."""
     pdl_enter(PDL)
-    head = tl.program_id(0)
+    head = tl.program_id(0) // PARTS
+    part = tl.program_id(0) % PARTS
+    PAIRS: tl.constexpr = HALF // PARTS
     pid_m = tl.program_id(1)
-    offs_d = tl.arange(0, HALF)
+    offs_d = part * PAIRS + tl.arange(0, PAIRS)  # this program's rotary pairs: features d and d + HALF
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
     feat = head * (2 * HALF) + offs_d
-    w1_ptrs = w_ptr + feat[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
-    w2_ptrs = w1_ptrs + HALF * stride_wn
     x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + offs_k[:, None]
-    acc1 = tl.zeros([HALF, BLOCK_M], tl.float32)
-    acc2 = tl.zeros([HALF, BLOCK_M], tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-        x = tl.load(x_ptrs + k0, mask=m_mask[None, :], other=0.0)
-        acc1 = tl.dot(tl.load(w1_ptrs + k0), x, acc1, input_precision=PRECISION)
-        acc2 = tl.dot(tl.load(w2_ptrs + k0), x, acc2, input_precision=PRECISION)
+    if PARTS == 1:
+        w1_ptrs = w_ptr + feat[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+        w2_ptrs = w1_ptrs + HALF * stride_wn
+        acc1 = tl.zeros([HALF, BLOCK_M], tl.float32)
+        acc2 = tl.zeros([HALF, BLOCK_M], tl.float32)
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+            x = tl.load(x_ptrs + k0, mask=m_mask[None, :], other=0.0)
+            acc1 = tl.dot(tl.load(w1_ptrs + k0), x, acc1, input_precision=PRECISION)
+            acc2 = tl.dot(tl.load(w2_ptrs + k0), x, acc2, input_precision=PRECISION)
+    else:
+        # both halves' rows of the pairs stacked into one tile: one dot with >= 64 rows (wgmma), split after
+        offs_r = tl.arange(0, 2 * PAIRS)
+        rows = head * (2 * HALF) + part * PAIRS + offs_r % PAIRS + (offs_r // PAIRS) * HALF
+        w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+        acc = tl.zeros([2 * PAIRS, BLOCK_M], tl.float32)
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+            x = tl.load(x_ptrs + k0, mask=m_mask[None, :], other=0.0)
+            acc = tl.dot(tl.load(w_ptrs + k0), x, acc, input_precision=PRECISION)
+        acc1, acc2 = tl.split(tl.permute(tl.reshape(acc, (2, PAIRS, BLOCK_M)), (1, 2, 0)))
     if HAS_BIAS:
         acc1 += tl.load(b_ptr + feat).to(tl.float32)[:, None]
         acc2 += tl.load(b_ptr + feat + HALF).to(tl.float32)[:, None]
@@ -267,14 +282,17 @@ class QkvRopeConfig(NamedTuple):
     block_k: int
     stages: int
     warps: int
+    parts: int = 1  # programs a head, each with head_dim / 2 / parts of its rotary pairs (> 1: no q/k norm)
 
 
 # Most rows ``qkv_rope`` takes: at 192-256 rows cuBLAS + the separate norm/rotary kernel is as fast
 QKV_ROPE_MAX_ROWS = 128
 
 
-def choose_qkv_rope_config(x: torch.Tensor, weight: torch.Tensor, head_dim: int) -> Optional[QkvRopeConfig]:
+def choose_qkv_rope_config(x: torch.Tensor, weight: torch.Tensor, head_dim: int,
+                           qk_norm: bool = True) -> Optional[QkvRopeConfig]:
     """The config for ``qkv_rope``, or None where the projection + fused.qk_norm_rope is the choice.
+    ``qk_norm``: the call normalizes q and k (Qwen3), which needs a whole head in one program.
 
     H200 (scripts/probe.py qkvrope, Qwen3-0.6B shapes, µs per layer, unfused -> fused): 6.9 -> 6.4 at 2-8
     rows, 7.4 -> 6.6 at 32, 7.7 -> 7.4 at 64, 8.8 -> 8.1 at 128, but 9.1 -> 9.5 at 192. 16 batch rows a tile
@@ -283,17 +301,27 @@ def choose_qkv_rope_config(x: torch.Tensor, weight: torch.Tensor, head_dim: int)
     if not (_runs(x, weight, QKV_ROPE_MAX_ROWS) and half >= 16 and (half & (half - 1)) == 0
             and weight.shape[0] % head_dim == 0):
         return None
-    return qkv_rope_config_for_shape(x.shape[0], x.shape[1], head_dim, x.element_size())
+    return qkv_rope_config_for_shape(x.shape[0], x.shape[1], head_dim, x.element_size(), qk_norm)
 
 
-def qkv_rope_config_for_shape(m: int, k: int, head_dim: int, elem_bytes: int) -> Optional[QkvRopeConfig]:
-    """``choose_qkv_rope_config``'s choice from the shapes alone, once the tensors qualify."""
+def qkv_rope_config_for_shape(m: int, k: int, head_dim: int, elem_bytes: int,
+                              qk_norm: bool = True) -> Optional[QkvRopeConfig]:
+    """``choose_qkv_rope_config``'s choice from the shapes alone, once the tensors qualify.
+
+    A program streams its weight rows along K, and at these sizes its time follows those bytes, so without
+    the q/k norm heads wider than 64 features go over head_dim / 64 programs (H200, 2026-12-02,
+    ``scripts/probe.py --only qkvparts``, Qwen3-0.6B without the q/k norm, µs a layer, one program a head ->
+    two: 6.0-6.1 -> 4.7-4.8 at 2-16 rows, 6.1 -> 5.0 at 32, 6.8 -> 5.3 at 64, 7.3-7.5 -> 6.0-6.1 at 96-128)."""
     block_k = _k_tile(k)
     if block_k is None:
         return None
-    block_m = 16 if m <= 64 else 32
-    stages = pipeline_stages((head_dim + block_m) * block_k * elem_bytes)
-    return QkvRopeConfig(block_m, block_k, stages, 4)
+    parts = 1 if qk_norm else max(1, head_dim // 64)
+    if parts == 1:
+        block_m = 16 if m <= 64 else 32
+    else:
+        block_m = 16 if m <= 32 else (32 if m <= 64 else 64)
+    stages = pipeline_stages((head_dim // parts + block_m) * block_k * elem_bytes)
+    return QkvRopeConfig(block_m, block_k, stages, 4, parts)
 
 
 def qkv_rope(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], config: QkvRopeConfig,
@@ -315,14 +343,15 @@ def qkv_rope(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
         assert slot_mapping.shape == (m,)
     y = torch.empty(m, heads * head_dim, dtype=x.dtype, device=x.device)
     has_norm = q_weight is not None
+    assert config.parts == 1 or not has_norm, "the q/k norm needs a whole head in one program"
     use_pdl = pdl.enabled(x.device, "gemm")
-    _qkv_rope_kernel[(heads, triton.cdiv(m, config.block_m))](
+    _qkv_rope_kernel[(heads * config.parts, triton.cdiv(m, config.block_m))](
         x, weight, bias if bias is not None else weight, y, q_weight if has_norm else weight,
         k_weight if has_norm else weight, cos_sin, positions, k_cache if store else y, v_cache if store else y,
-        slot_mapping if store else positions, m, k, x.stride(0), weight.stride(0), y.stride(0), cos_sin.stride(0),
-        k_cache.stride(-3) if store else 0, k_cache.stride(-2) if store else 0, eps,
-        NUM_Q=num_heads, NUM_KV=num_kv_heads, HALF=head_dim // 2, HAS_BIAS=bias is not None, HAS_NORM=has_norm,
-        STORE=store, BLOCK_M=config.block_m, BLOCK_K=config.block_k, STAGES=config.stages,
+        slot_mapping if store else positions, m, k, x.stride(0), weight.stride(0),
+        y.stride(0), cos_sin.stride(0), k_cache.stride(-3) if store else 0, k_cache.stride(-2) if store else 0, eps,
+        NUM_Q=num_heads, NUM_KV=num_kv_heads, HALF=head_dim // 2, PARTS=config.parts, HAS_BIAS=bias is not None,
+        HAS_NORM=has_norm, STORE=store, BLOCK_M=config.block_m, BLOCK_K=config.block_k, STAGES=config.stages,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=use_pdl, num_warps=config.warps,
         launch_pdl=use_pdl)
     return y
