@@ -506,14 +506,9 @@ def probe_sampler(bw, results):
         del logits
 
 
-def probe_qkv_parts(bw, results):
-    """qkv_rope with a head's rotary pairs over 1 or 2 programs (parts), without the q/k norm (which needs a
-    whole head in one program), against the normed one-program kernel and the plain projection."""
-    from parallel.layers import _linear
-    from workers.kernels import decode_gemm as dg
-    from workers.kernels.fused import qk_norm_rope
-    dev = torch.device("cuda")
-    print("\n== qkv_rope, one or two programs a head (us per layer), 28 distinct weights per graph")
+def _qkv_inputs(dev):
+    """What the qkv_rope probes share: K, 28 q/k/v weights, q/k norm weights, a rotary table, and a cache of
+    513 blocks per layer."""
     k_in, n = SHAPES["qkv"]
     ws = [torch.randn(n, k_in, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(LAYERS)]
     qw = torch.rand(D, device=dev, dtype=torch.bfloat16) + 0.5
@@ -523,6 +518,18 @@ def probe_qkv_parts(bw, results):
     blocks = 256 * 2 + 1
     caches = [(torch.zeros(blocks, BLOCK, HKV, D, device=dev, dtype=torch.bfloat16),
                torch.zeros(blocks, BLOCK, HKV, D, device=dev, dtype=torch.bfloat16)) for _ in range(LAYERS)]
+    return k_in, ws, qw, kw, cos_sin, blocks, caches
+
+
+def probe_qkv_parts(bw, results):
+    """qkv_rope with a head's rotary pairs over 1, 2 or 4 programs (parts), without the q/k norm (which needs a
+    whole head in one program), against the normed one-program kernel and the plain projection."""
+    from parallel.layers import _linear
+    from workers.kernels import decode_gemm as dg
+    from workers.kernels.fused import qk_norm_rope
+    dev = torch.device("cuda")
+    print("\n== qkv_rope, 1, 2 or 4 programs a head (us per layer), 28 distinct weights per graph")
+    k_in, ws, qw, kw, cos_sin, blocks, caches = _qkv_inputs(dev)
     for m in [int(r) for r in os.environ.get("PROBE_ROWS", "2,8,16,32,64,96,128").split(",")]:
         x = torch.randn(m, k_in, device=dev, dtype=torch.bfloat16)
         pos = torch.randint(0, 4000, (m,), device=dev)
@@ -560,15 +567,7 @@ def probe_qkv_rope(bw, results):
     from workers.kernels.fused import qk_norm_rope
     dev = torch.device("cuda")
     print("\n== q/k/v projection + q/k norm + rotary + K/V store per layer (us), 28 distinct weights per graph")
-    k_in, n = SHAPES["qkv"]
-    ws = [torch.randn(n, k_in, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(LAYERS)]
-    qw = torch.rand(D, device=dev, dtype=torch.bfloat16) + 0.5
-    kw = torch.rand(D, device=dev, dtype=torch.bfloat16) + 0.5
-    angles = torch.outer(torch.arange(4096, dtype=torch.float32), 1.0 / 1e6 ** (torch.arange(0, D, 2) / D))
-    cos_sin = torch.cat([angles.cos(), angles.sin()], -1).to(dev)
-    blocks = 256 * 2 + 1
-    caches = [(torch.zeros(blocks, BLOCK, HKV, D, device=dev, dtype=torch.bfloat16),
-               torch.zeros(blocks, BLOCK, HKV, D, device=dev, dtype=torch.bfloat16)) for _ in range(LAYERS)]
+    k_in, ws, qw, kw, cos_sin, blocks, caches = _qkv_inputs(dev)
     for m in [int(r) for r in os.environ.get("PROBE_ROWS", "2,8,16,32,64,96,128,192,256").split(",")]:
         x = torch.randn(m, k_in, device=dev, dtype=torch.bfloat16)
         pos = torch.randint(0, 4000, (m,), device=dev)
