@@ -54,18 +54,18 @@ def graph_time(fn, repeats: int = LAYERS, iters: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def paged_caches(ctx, dev, max_blocks: int):
+def paged_caches(ctx, dev, max_blocks: int, block: int = BLOCK):
     """One bf16 K/V cache per layer holding the given contexts in shuffled blocks: (caches, block table,
-    context lengths), Qwen3-0.6B heads, block size BLOCK."""
-    blocks_needed = sum(-(-c // BLOCK) for c in ctx)
-    caches = [(torch.randn(blocks_needed + 1, BLOCK, HKV, D, device=dev, dtype=torch.bfloat16),
-               torch.randn(blocks_needed + 1, BLOCK, HKV, D, device=dev, dtype=torch.bfloat16))
+    context lengths), Qwen3-0.6B heads, blocks of ``block`` positions."""
+    blocks_needed = sum(-(-c // block) for c in ctx)
+    caches = [(torch.randn(blocks_needed + 1, block, HKV, D, device=dev, dtype=torch.bfloat16),
+               torch.randn(blocks_needed + 1, block, HKV, D, device=dev, dtype=torch.bfloat16))
               for _ in range(LAYERS)]
     perm = torch.randperm(blocks_needed, device="cpu").tolist()
     table = torch.zeros(len(ctx), max_blocks, dtype=torch.int32)
     used = 0
     for b, c in enumerate(ctx):
-        n = -(-c // BLOCK)
+        n = -(-c // block)
         table[b, :n] = torch.tensor(perm[used:used + n])
         used += n
     return caches, table.to(dev), torch.tensor(ctx, dtype=torch.int32, device=dev)

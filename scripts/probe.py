@@ -1,6 +1,6 @@
 """GPU only, exploratory: candidate kernels against what the engine runs (the engine does not import this).
 
-    python scripts/probe.py [--json out.json] [--only attn,split1,order,twin,twinskew,blocks,dgemm,lmhead,qkvrope,qkvparts,prefill,prefillpack,fa2,sampler]
+    python scripts/probe.py [--json out.json] [--only attn,split1,order,twin,twinskew,blocks,dgemm,lmhead,qkvrope,qkvparts,prefill,prefillpack,fa2,sampler,tma]
 
 - attn: the decode kernel over splits (1, 2 and the rule's S, S / 2, 2 S) x tile x stages (PROBE_STAGES,
   default 2,3,4; 4 warps) at PROBE_BATCHES (default 256,128,64,8; also 32, 48, 80, 96 with bench_latency's
@@ -29,6 +29,8 @@
   the mean (PROBE_SKEW), the rule's split count against one split;
 - blocks: the engine's decode attention by KV block size (16, 64, 128) and block placement (random over an
   engine-sized pool, or each sequence's blocks contiguous), at batch 8 / 64 / 256 with bench contexts;
+- tma: the one-split decode attention with its K/V tiles by TMA against the pointer-load kernel, by KV block
+  size (16, 64, 128), tile and stages (PROBE_BATCHES);
 - sampler: workers.kernels.sampling.gumbel_argmax at batch 1-256 over Qwen3's vocabulary, and torch.argmax
   (all-greedy batches).
 Timings are CUDA graphs of 28 back-to-back calls on distinct memory (kernel_sweep.graph_time). Results of the
@@ -231,6 +233,45 @@ def probe_block_sizes(bw, results):
                                                   seconds=t, floor_s=floor))
             del caches
             torch.cuda.empty_cache()
+
+
+def probe_tma(bw, results):
+    """The one-split decode attention with its K/V tiles by TMA (triton_attention._tma_decode_launch) against
+    the pointer-load kernel (the rule's splits and one), by KV block size and the TMA kernel's tile and
+    stages, at PROBE_BATCHES (default 32, 64F, 64, 128, 256; bench_latency's and bench.py's contexts)."""
+    dev = torch.device("cuda")
+    rng = random.Random(0)
+    print("\n== decode attention, K/V tiles by TMA (us/layer, % of K/V at copy bw)")
+    cases = [("32", 32, 512, 768), ("64F", 64, 640, 640), ("64", 64, 512, 768), ("128", 128, 900, 1300),
+             ("256", 256, 1024, 1063)]
+    wanted = os.environ.get("PROBE_BATCHES", "32,64F,64,128,256").split(",")
+    tma_configs = {64: [(64, 2), (64, 3), (64, 4), (64, 6), (32, 2), (32, 4)], 128: [(64, 2), (64, 4), (128, 2)]}
+    for label, batch, lo, hi in cases:
+        if label not in wanted:
+            continue
+        ctx = [rng.randint(lo, hi) for _ in range(batch)]
+        q = torch.randn(batch, HQ, D, device=dev, dtype=torch.bfloat16)
+        out = torch.empty_like(q)
+        floor = sum(ctx) * HKV * D * 2 * 2 / bw
+        rows = []
+        for bs in (16, 64, 128):
+            caches, table, lens = paged_caches(ctx, dev, 4096 // bs, block=bs)
+            rule = ta.choose_num_splits(batch, HKV, table.shape[1], bs, device_sms(dev))
+            os.environ["NANOVLLM_TMA_DECODE"] = "0"  # the pointer-load kernel, also at one split
+            for s in sorted({rule, 1}):
+                rows.append((graph_time(lambda i: ta._decode_launch(q, *caches[i], table, lens, 0.088, s, out)),
+                             f"pointer loads, blocks of {bs}, S={s}"))
+            del os.environ["NANOVLLM_TMA_DECODE"]
+            for bn, stages in tma_configs.get(bs, []):
+                rows.append((graph_time(lambda i: ta._tma_decode_launch(q, *caches[i], table, lens, 0.088, out,
+                                                                        block_n=bn, stages=stages)),
+                             f"TMA, blocks of {bs}, {bn}-position tiles, {stages} stages"))
+            del caches
+            torch.cuda.empty_cache()
+        print(f"B={label} ctx~{sum(ctx) / batch:.0f}, K/V floor {floor * 1e6:.1f} us:", flush=True)
+        for t, name in sorted(rows):
+            print(f"   {name:<48} {t * 1e6:7.1f} us ({100 * floor / t:.1f}%)", flush=True)
+            results["tma"].append(dict(case=label, variant=name, seconds=t, floor_s=floor))
 
 
 def probe_single_split(bw, results):
@@ -615,7 +656,7 @@ def main():
     bw = measure_copy_bandwidth()
     print(f"copy bandwidth {bw / 1e9:,.0f} GB/s")
     results = {"copy_bandwidth": bw, "attention": [], "decode_gemm": [], "qkv_rope": [], "qkv_parts": [], "prefill": [], "sampler": [],
-               "single_split": [], "lm_head": [], "blocks": [], "prefill_packed": [], "prefill_fa2": [], "order": [], "twin": [], "twin_skew": []}
+               "single_split": [], "lm_head": [], "blocks": [], "prefill_packed": [], "prefill_fa2": [], "order": [], "twin": [], "twin_skew": [], "tma": []}
     parts = args.only.split(",")
     t0 = time.time()
     for part, fn in (("attn", lambda: probe_attention(bw, results)),
@@ -631,7 +672,8 @@ def main():
                      ("prefill", lambda: probe_prefill(bw, results)),
                      ("prefillpack", lambda: probe_prefill_packed(bw, results)),
                      ("fa2", lambda: probe_prefill_fa2(bw, results)),
-                     ("sampler", lambda: probe_sampler(bw, results))):
+                     ("sampler", lambda: probe_sampler(bw, results)),
+                     ("tma", lambda: probe_tma(bw, results))):
         if part in parts:
             fn()
             print(f"[{part} done at {time.time() - t0:.0f} s]", flush=True)

@@ -19,6 +19,9 @@ triton = pytest.importorskip("triton")
 from workers.kernels.triton_attention import (  # noqa: E402
     _decode_config,
     _prefill_launch,
+    _tma_decode_fits,
+    _tma_decode_launch,
+    tma_decode_applies,
     choose_num_splits,
     has_single_split_variant,
     single_split_one_wave_rows,
@@ -233,11 +236,50 @@ def test_decode_many_splits_strided_q_out(dtype):
 
 
 @pytest.mark.skipif(not CUDA, reason="real size (64 sequences x 8 KV heads), too slow for the interpreter")
-def test_decode_single_split_real_size():
-    # 512 programs: on a 132-SM GPU one split takes the 64-token, 3-stage tiles (_decode_config)
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_decode_single_split_real_size(block_size):
+    # 512 programs: on a 132-SM GPU one split takes the 64-token, 3-stage tiles (_decode_config) with blocks of
+    # 16, and on Hopper the TMA kernel with blocks of 64 (checked here, so this test covers it)
     rng = random.Random(3)
     ctx = [rng.randint(1, 900) for _ in range(62)] + [0, 16]
-    _run_decode_case(torch.bfloat16, 2, 128, 16, ctx, num_splits=1, num_kv_heads=8, seed=3)
+    _run_decode_case(torch.bfloat16, 2, 128, block_size, ctx, num_splits=1, num_kv_heads=8, seed=3)
+    q = torch.empty(64, 16, 128, dtype=torch.bfloat16, device=DEVICE)
+    cache = torch.empty(2, block_size, 8, 128, dtype=torch.bfloat16, device=DEVICE)
+    one_wave_on_hopper = (torch.cuda.get_device_capability()[0] >= 9
+                          and 64 * 8 <= 4 * torch.cuda.get_device_properties(0).multi_processor_count)
+    assert _tma_decode_fits(q, cache, cache, q) == (one_wave_on_hopper and block_size == 64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size,block_n,group,head_dim", [(64, 64, 2, 64), (128, 64, 2, 128), (64, 32, 1, 64),
+                                                               (64, 64, 8, 128)])
+def test_tma_decode_against_float64(dtype, block_size, block_n, group, head_dim):
+    # The TMA kernel itself (the engine takes it on Hopper only). Contexts: one token, a partial last tile, a
+    # multiple of the tile, a padded row, a long one; the slots past every context hold NaN (PagedKV), which a
+    # last tile read whole must mask, scores and values.
+    gen = _gen(block_size + block_n + group)
+    ctx = [1, 37, 2 * block_n, 0, 150]
+    kv = PagedKV(ctx, 2, head_dim, block_size, dtype, gen)
+    q = _randn((len(ctx), 2 * group, head_dim), gen, dtype, scale=2.0)
+    out = torch.full_like(q, float("nan"))
+    scale = head_dim ** -0.5
+    _tma_decode_launch(q, kv.k_cache, kv.v_cache, kv.block_tables, kv.context_lens, scale, out, block_n=block_n)
+    ref = torch.stack([ref_attention(q[i:i + 1], kv.k_seq[i], kv.v_seq[i], [c - 1], scale)[0]
+                       for i, c in enumerate(ctx)])
+    assert_close(out, ref, dtype)
+    assert torch.count_nonzero(out[3]) == 0, "padded row (context_len 0) must be zeros"
+
+
+def test_tma_decode_applies_rule():
+    # (splits, block size, head dim, element bytes, programs, SMs, compute capability major)
+    assert tma_decode_applies(1, 64, 128, 2, 512, 132, 9)  # batch 64 x 8 KV heads, one wave
+    assert tma_decode_applies(1, 128, 64, 2, 528, 132, 10)  # four programs an SM, the most that fit at once
+    assert not tma_decode_applies(1, 64, 128, 2, 529, 132, 9)  # a second wave
+    assert not tma_decode_applies(2, 64, 128, 2, 512, 132, 9)  # split
+    assert not tma_decode_applies(1, 16, 128, 2, 512, 132, 9)  # blocks smaller than the tile
+    assert not tma_decode_applies(1, 64, 128, 2, 512, 132, 8)  # no TMA before Hopper
+    assert not tma_decode_applies(1, 64, 128, 4, 512, 132, 9)  # float32
+    assert not tma_decode_applies(1, 64, 96, 2, 512, 132, 9)  # head dim 96
 
 
 def test_decode_all_padding():

@@ -19,11 +19,13 @@ See docs/kernels.md for the design notes.
 from __future__ import annotations
 
 import functools
+import os
 from typing import List, Optional
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from workers.kernels import pdl
 from workers.kernels.pdl import enter as pdl_enter
@@ -34,6 +36,7 @@ __all__ = [
     "paged_prefill_attention",
     "choose_num_splits",
     "has_single_split_variant",
+    "tma_decode_applies",
     "prefill_seq_groups",
 ]
 
@@ -61,6 +64,10 @@ _SINGLE_SPLIT_VARIANT_PROGRAMS_PER_SM = 2.5
 # The most decode programs an SM holds at once: four with 64-token tiles (124 registers a thread, 38.5 KB of
 # shared memory; three with 128-token ones), scripts/kernel_resources.py.
 _MAX_RESIDENT_PROGRAMS_PER_SM = 4
+# The TMA decode kernel's tile (one box of one KV block) and pipeline depth: the best of the H200 probe at
+# batch 64 (docs/kernels.md, "K/V tiles by TMA").
+_TMA_BLOCK_N = 64
+_TMA_STAGES = 2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -314,9 +321,82 @@ def _decode_reduce_kernel(
              res.to(Out.dtype.element_ty), mask=mask_d)
 
 
+@triton.jit
+def _tma_tile(q, acc, l_i, m_i, k_desc, v_desc, bt_row, start_n, ctx, col, qk_scale,
+              BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, IEEE: tl.constexpr):
+    """_attn_tile with the tile's K and V as boxes of TMA descriptors: positions [start_n, start_n + BLOCK_N)
+    lie in one cache block, so they are BLOCK_N consecutive rows of the cache viewed as
+    [num_blocks * block_size, num_kv_heads * head_dim], and this KV head's HEAD_DIM columns from col.
+    MASK (the last tile): positions >= ctx get score -inf and value 0, since a slot past the context may hold
+    anything (the box is loaded whole)."""
+    if MASK:
+        bid = tl.load(bt_row + start_n // BLOCK_SIZE, mask=start_n < ctx, other=0)
+    else:
+        bid = tl.load(bt_row + start_n // BLOCK_SIZE)
+    row = bid * BLOCK_SIZE + start_n % BLOCK_SIZE
+    k = k_desc.load([row, col])  # [BLOCK_N, HEAD_DIM]
+    v = v_desc.load([row, col])
+    s = _dot(q, tl.trans(k), IEEE) * qk_scale
+    if MASK:
+        valid = (start_n + tl.arange(0, BLOCK_N)) < ctx
+        s = tl.where(valid[None, :], s, float("-inf"))
+        v = tl.where(valid[:, None], v, 0.0)
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: a tile holds a position < ctx
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    return acc, l_i, m_new
+
+
+@triton.jit(do_not_specialize=["stride_bt_b"])  # see _decode_split_kernel
+def _decode_tma_kernel(
+    Q, k_desc, v_desc, BlockTables, ContextLens, Out,
+    stride_qb, stride_qh, stride_bt_b, stride_ob, stride_oh, qk_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, STAGES: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+):
+    """One split on Hopper: one program per (KV head, sequence) over its whole context, the K/V tiles
+    fetched by TMA (see tma_decode_applies)."""
+    pdl_enter(PDL)
+    kvh = tl.program_id(0)
+    b = tl.program_id(1)
+    ctx = tl.load(ContextLens + b)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_h = offs_h < GROUP
+    heads = kvh * GROUP + offs_h
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_h[:, None], other=0.0)
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+    bt_row = BlockTables + b.to(tl.int64) * stride_bt_b
+    col = kvh * HEAD_DIM
+    n_full = ctx // BLOCK_N
+    for t in tl.range(0, n_full, num_stages=STAGES):
+        acc, l_i, m_i = _tma_tile(q, acc, l_i, m_i, k_desc, v_desc, bt_row, t * BLOCK_N, ctx, col, qk_scale,
+                                  BLOCK_SIZE, BLOCK_N, False, IEEE)
+    if n_full * BLOCK_N < ctx:
+        acc, l_i, m_i = _tma_tile(q, acc, l_i, m_i, k_desc, v_desc, bt_row, n_full * BLOCK_N, ctx, col,
+                                  qk_scale, BLOCK_SIZE, BLOCK_N, True, IEEE)
+    o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # context 0 (a padded row): zeros
+    tl.store(Out + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+             o.to(Out.dtype.element_ty), mask=mask_h[:, None])
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_major_of(device_index: int) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
+
+
+def _capability_major(device: torch.device) -> int:
+    return _capability_major_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def device_sms(device: torch.device) -> int:
@@ -389,6 +469,53 @@ def _decode_config(num_splits: int, block_d: int, elem_bytes: int, programs: int
     return 64, 4, 2
 
 
+def tma_decode_applies(num_splits: int, block_size: int, head_dim: int, elem_bytes: int, programs: int,
+                       num_sms: int, capability_major: int) -> bool:
+    """Whether a decode call takes _decode_tma_kernel instead of the pointer-load kernel: one split, Hopper or
+    later, 16-bit, head dim 64 or 128, KV blocks of >= 64 positions (a 64-position tile is one box of one
+    block), and one wave of programs (<= _MAX_RESIDENT_PROGRAMS_PER_SM an SM: 128 registers, 38.9 KB of shared
+    memory). There it reads the K/V closer to the copy bandwidth (H200, batch 64 x 640 tokens: 41.0 us a layer
+    against the pointer kernel's 47.9 at the same blocks of 64 and 44.3 at blocks of 16; docs/kernels.md,
+    "K/V tiles by TMA"). Tiles of several boxes over blocks of 16 were slower (50.2), and from two waves up the
+    pointer kernel's 128-position tiles are as fast or faster."""
+    return (num_splits == 1 and capability_major >= 9 and elem_bytes == 2 and head_dim in (64, 128)
+            and block_size >= _TMA_BLOCK_N and programs <= _MAX_RESIDENT_PROGRAMS_PER_SM * num_sms)
+
+
+def _tma_decode_fits(q, k_cache, v_cache, out) -> bool:
+    """tma_decode_applies to this one-split decode call, and q, out and the caches have the layout the kernel
+    assumes. NANOVLLM_TMA_DECODE=0 turns it off (for A/B measurements; read at launch, so for graphs at
+    capture)."""
+    batch, _, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    return (q.device.type == "cuda" and os.environ.get("NANOVLLM_TMA_DECODE", "1") != "0"
+            and tma_decode_applies(1, block_size, head_dim, q.element_size(), num_kv_heads * batch,
+                                   device_sms(q.device), _capability_major(q.device))
+            and q.dtype == k_cache.dtype and q.stride(2) == 1 and out.stride(2) == 1
+            and k_cache.is_contiguous() and v_cache.is_contiguous())
+
+
+def _tma_decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, out, block_n=_TMA_BLOCK_N,
+                       stages=_TMA_STAGES):
+    """One-split decode attention on _decode_tma_kernel (paged_decode_attention's contract)."""
+    batch, num_q_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    assert block_size % block_n == 0, f"a {block_n}-position tile must lie in one block of {block_size}"
+    # Descriptors are host objects (the tensor map is made at launch; in a CUDA graph, once at capture).
+    k_desc, v_desc = (TensorDescriptor.from_tensor(c.view(num_blocks * block_size, num_kv_heads * head_dim),
+                                                   [block_n, head_dim]) for c in (k_cache, v_cache))
+    use_pdl = pdl.enabled(q.device, "attention")
+    group = num_q_heads // num_kv_heads
+    _decode_tma_kernel[(num_kv_heads, batch)](
+        q, k_desc, v_desc, block_tables, context_lens, out,
+        q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1), scale * _LOG2E,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        BLOCK_SIZE=block_size, STAGES=stages, IEEE=q.dtype == torch.float32, PDL=use_pdl,
+        num_warps=4, launch_pdl=use_pdl,
+    )
+    return out
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            num_splits: Optional[int] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -429,6 +556,8 @@ def _decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, num_s
                                        device_sms(q.device))
     num_splits = int(num_splits)
     assert num_splits >= 1
+    if num_splits == 1 and block_n is None and _tma_decode_fits(q, k_cache, v_cache, out):
+        return _tma_decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, out)
     default_n, default_warps, default_stages = _decode_config(
         num_splits, block_d, k_cache.element_size(), num_kv_heads * batch * num_splits, device_sms(q.device))
     block_n = block_n or default_n
