@@ -25,7 +25,6 @@ from typing import List, Optional
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from workers.kernels import pdl
 from workers.kernels.pdl import enter as pdl_enter
@@ -473,7 +472,7 @@ def tma_decode_applies(num_splits: int, block_size: int, head_dim: int, elem_byt
                        num_sms: int, capability_major: int) -> bool:
     """Whether a decode call takes _decode_tma_kernel instead of the pointer-load kernel: one split, Hopper or
     later, 16-bit, head dim 64 or 128, KV blocks of >= 64 positions (a 64-position tile is one box of one
-    block), and one wave of programs (<= _MAX_RESIDENT_PROGRAMS_PER_SM an SM: 128 registers, 38.9 KB of shared
+    block), and one wave of programs (<= _MAX_RESIDENT_PROGRAMS_PER_SM an SM: 128 registers, 38 KB of shared
     memory). There it reads the K/V closer to the copy bandwidth (H200, batch 64 x 640 tokens: 41.0 us a layer
     against the pointer kernel's 47.9 at the same blocks of 64 and 44.3 at blocks of 16; docs/kernels.md,
     "K/V tiles by TMA"). Tiles of several boxes over blocks of 16 were slower (50.2), and from two waves up the
@@ -501,6 +500,7 @@ def _tma_decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, o
     batch, num_q_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     assert block_size % block_n == 0, f"a {block_n}-position tile must lie in one block of {block_size}"
+    from triton.tools.tensor_descriptor import TensorDescriptor  # host-side TMA descriptors, here only
     # Descriptors are host objects (the tensor map is made at launch; in a CUDA graph, once at capture).
     k_desc, v_desc = (TensorDescriptor.from_tensor(c.view(num_blocks * block_size, num_kv_heads * head_dim),
                                                    [block_n, head_dim]) for c in (k_cache, v_cache))
