@@ -68,27 +68,40 @@ def test_bf16_graph_logits_match_eager(tiny_models, arch):
     _check_graph_step_against_eager(tiny_models[arch], PROMPTS[:5], max_num_seqs=8, graph_size=8)
 
 
-def test_single_split_decode_graph_matches_eager(tiny_models):
+@pytest.mark.parametrize("arch,block_size", [("qwen3", 16), ("qwen3-wide", 64)])
+def test_single_split_decode_graph_matches_eager(tiny_models, monkeypatch, arch, block_size):
     """The one-KV-split variant of a decode graph (taken by a step that fills the graph with even contexts),
-    against the same step run eagerly with the rule's splits."""
-    from workers.kernels.triton_attention import device_sms, has_single_split_variant
+    against the same step run eagerly with the rule's splits. With blocks of 64 and head_dim 64 the variant's
+    attention is the TMA kernel on Hopper (one wave of programs), checked here by counting its launches."""
+    from workers.kernels import triton_attention
+    from workers.kernels.triton_attention import device_sms, has_single_split_variant, tma_decode_applies
     from workers.model_runner import graph_batch_sizes
-    kv_heads, sms = 2, device_sms(torch.device("cuda", 0))  # the tiny qwen3's KV heads
-    size = next(s for s in graph_batch_sizes(512) if has_single_split_variant(s, kv_heads, 16, 16, sms))
+    kv_heads, sms = 2, device_sms(torch.device("cuda", 0))  # the tiny qwen3s' KV heads
+    max_blocks = 256 // block_size  # max_model_len 256
+    size = next(s for s in graph_batch_sizes(512) if has_single_split_variant(s, kv_heads, max_blocks, block_size, sms))
     rng = random.Random(0)
     prompts = [[rng.randrange(1, 500) for _ in range(24)] for _ in range(size)]  # equal contexts: it applies
-    replayed = []
+    replayed, tma_launches = [], []
+    launch = triton_attention._tma_decode_launch
+    monkeypatch.setattr(triton_attention, "_tma_decode_launch",
+                        lambda *args, **kwargs: tma_launches.append(1) or launch(*args, **kwargs))
 
     def spy_on_variant(runner):
         for graph in runner.single_split_graphs[size][0]:
             graph.replay = functools.partial(lambda replay: replayed.append(1) or replay(), graph.replay)
 
-    _check_graph_step_against_eager(tiny_models["qwen3"], prompts, max_num_seqs=size, graph_size=size,
-                                    on_runner=spy_on_variant)
+    _check_graph_step_against_eager(tiny_models[arch], prompts, max_num_seqs=size, graph_size=size,
+                                    on_runner=spy_on_variant, block_size=block_size)
     assert replayed == [1]  # the decode step above ran the one-split variant
+    head_dim = 16 if arch == "qwen3" else 64
+    takes_tma = tma_decode_applies(1, block_size, head_dim, 2, size * kv_heads, sms,
+                                   torch.cuda.get_device_capability(0)[0])
+    assert takes_tma == (block_size == 64 and torch.cuda.get_device_capability(0)[0] >= 9)  # on a 132-SM Hopper
+    assert bool(tma_launches) == takes_tma
 
 
-def _check_graph_step_against_eager(path, prompts, max_num_seqs: int, graph_size: int, on_runner=None):
+def _check_graph_step_against_eager(path, prompts, max_num_seqs: int, graph_size: int, on_runner=None,
+                                    block_size: int = 16):
     """Prefill ``prompts`` (one step), then run one decode step of all of them through the ``graph_size``
     decode graph and eagerly: the bf16 logits agree. ``on_runner`` sees the runner once its graphs exist."""
     from parallel.distributed import ParallelContext
@@ -97,7 +110,8 @@ def _check_graph_step_against_eager(path, prompts, max_num_seqs: int, graph_size
     from nanovllm.config import EngineConfig
 
     n = len(prompts)
-    cfg = EngineConfig(model=path, dtype="bfloat16", max_model_len=256, max_num_seqs=max_num_seqs).finalize()
+    cfg = EngineConfig(model=path, dtype="bfloat16", max_model_len=256, max_num_seqs=max_num_seqs,
+                       kvcache_block_size=block_size).finalize()
     runner = ModelRunner(cfg.to_worker_config("none"), ParallelContext(0, 1), torch.device("cuda", 0))
     runner.allocate_kv_cache(max(64, 4 * n + 4))
     assert graph_size in runner.graphs
