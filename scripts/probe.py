@@ -562,6 +562,12 @@ def _qkv_inputs(dev):
     return k_in, ws, qw, kw, cos_sin, blocks, caches
 
 
+def _qkv_rows(m, k_in, blocks, dev):
+    """The per-row inputs of a qkv_rope probe at m rows: x, positions, and distinct cache slots."""
+    return (torch.randn(m, k_in, device=dev, dtype=torch.bfloat16), torch.randint(0, 4000, (m,), device=dev),
+            torch.randperm(blocks * BLOCK, device=dev)[:m])
+
+
 def probe_qkv_parts(bw, results):
     """qkv_rope with a head's rotary pairs over 1, 2 or 4 programs (parts), without the q/k norm (which needs a
     whole head in one program), against the normed one-program kernel and the plain projection."""
@@ -572,9 +578,7 @@ def probe_qkv_parts(bw, results):
     print("\n== qkv_rope, 1, 2 or 4 programs a head (us per layer), 28 distinct weights per graph")
     k_in, ws, qw, kw, cos_sin, blocks, caches = _qkv_inputs(dev)
     for m in [int(r) for r in os.environ.get("PROBE_ROWS", "2,8,16,32,64,96,128").split(",")]:
-        x = torch.randn(m, k_in, device=dev, dtype=torch.bfloat16)
-        pos = torch.randint(0, 4000, (m,), device=dev)
-        slots = torch.randperm(blocks * BLOCK, device=dev)[:m]
+        x, pos, slots = _qkv_rows(m, k_in, blocks, dev)
         qkv = _linear(x, ws[0])
         qk_norm_rope(qkv[:, :HQ * D].view(m, HQ, D), qkv[:, HQ * D:(HQ + HKV) * D].view(m, HKV, D), pos, cos_sin)
         ref = qkv.float()
@@ -610,9 +614,7 @@ def probe_qkv_rope(bw, results):
     print("\n== q/k/v projection + q/k norm + rotary + K/V store per layer (us), 28 distinct weights per graph")
     k_in, ws, qw, kw, cos_sin, blocks, caches = _qkv_inputs(dev)
     for m in [int(r) for r in os.environ.get("PROBE_ROWS", "2,8,16,32,64,96,128,192,256").split(",")]:
-        x = torch.randn(m, k_in, device=dev, dtype=torch.bfloat16)
-        pos = torch.randint(0, 4000, (m,), device=dev)
-        slots = torch.randperm(blocks * BLOCK, device=dev)[:m]
+        x, pos, slots = _qkv_rows(m, k_in, blocks, dev)
 
         def unfused(i):
             qkv = _linear(x, ws[i])
