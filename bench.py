@@ -253,7 +253,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "flash_attn", "torch"])
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--block-size", type=int, default=16, help="kvcache_block_size")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="kvcache_block_size (default: the attention backend's choice, 64 on Hopper with the Triton "
+                        "backend, else 16)")
     p.add_argument("--small", action="store_true", help="the small CPU configuration, even on a GPU")
     p.add_argument("--json", help="write every number to this file")
 

@@ -31,7 +31,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 16384
     gpu_memory_utilization: float = 0.9
-    kvcache_block_size: int = 16
+    kvcache_block_size: Optional[int] = None  # None: the attention backend picks (16, or 64 on Hopper+)
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     load_format: str = "auto"
@@ -91,12 +91,14 @@ class EngineConfig:
         for name, minimum in (("tensor_parallel_size", 1), ("max_num_seqs", 1), ("max_num_batched_tokens", 1),
                               ("kvcache_block_size", 1), ("seed", 0)):
             value = getattr(self, name)
+            if name == "kvcache_block_size" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name}={value!r}: must be an int >= {minimum}")
         if self.max_num_seqs > MAX_NUM_SEQS:
             raise ValueError(f"max_num_seqs={self.max_num_seqs}: must be at most {MAX_NUM_SEQS} (a decode batch is "
                              "one dimension of the attention kernels' CUDA grid)")
-        if self.kvcache_block_size & (self.kvcache_block_size - 1):
+        if self.kvcache_block_size and self.kvcache_block_size & (self.kvcache_block_size - 1):
             raise ValueError(f"kvcache_block_size={self.kvcache_block_size}: must be a power of two")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
             raise ValueError(f"max_model_len={self.max_model_len!r}: must be a positive int")
@@ -108,7 +110,7 @@ class EngineConfig:
 
         if self.device == "cpu":
             raise ValueError("attention_backend='flash_attn' needs a CUDA device: on CPU use 'auto' or 'torch'")
-        problem = flash_attention.flash_attn_problem(self.dtype, self.kvcache_block_size,
+        problem = flash_attention.flash_attn_problem(self.dtype, self.kvcache_block_size or 0,
                                                      flash_attention.flash_attn_version())
         if problem:
             raise ValueError(problem)
@@ -127,7 +129,7 @@ class EngineConfig:
     def to_worker_config(self, dist_init: str) -> WorkerConfig:
         return WorkerConfig(
             model=self.model_dir, dtype=self.dtype, device=self.device, load_format=self.load_format,
-            block_size=self.kvcache_block_size, max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
+            block_size=self.kvcache_block_size or 0, max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
             gpu_memory_utilization=float(self.gpu_memory_utilization), enforce_eager=bool(self.enforce_eager),
             attention_backend=self.attention_backend, seed=self.seed, world_size=self.tensor_parallel_size,

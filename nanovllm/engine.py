@@ -54,6 +54,7 @@ class LLMEngine:
         self.vocab_size = config.hf_config["vocab_size"]
         self.eos_token_ids = _eos_token_ids(config.model_dir, config.hf_config, self.tokenizer)
         self.executor = Executor(config)
+        config.kvcache_block_size = self.executor.block_size  # None ("the backend picks") resolved by the workers
         self.block_manager = BlockManager(self.executor.num_kv_blocks, config.kvcache_block_size,
                                           enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,

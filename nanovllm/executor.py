@@ -42,6 +42,7 @@ class Executor:
         self.channel: Optional[EngineChannel] = None
         self.dead: Optional[str] = None
         self.num_kv_blocks = 0
+        self.block_size = 0  # positions a KV block, as the workers report it (Ready)
         self._start()
 
     # ---- start-up ----------------------------------------------------------------------------------------
@@ -88,6 +89,12 @@ class Executor:
             self.channel.send(rank, Init(config=worker_config, rank=rank))
         ready = self._collect(Ready, all_ranks, STARTUP_TIMEOUT_S, "load the model")
         self.num_kv_blocks = min(msg.num_kv_blocks for _, msg in ready)
+        # the configured block size, or the one every rank's attention backend picked (the same GPUs and
+        # backend everywhere give the same one; anything else is refused rather than guessed at)
+        sizes = {rank: msg.block_size for rank, msg in ready}
+        if len(set(sizes.values())) != 1:
+            raise RuntimeError(f"the workers chose different KV block sizes {sizes}: set kvcache_block_size")
+        self.block_size = sizes[0]
         self.channel.broadcast(all_ranks, AllocateKVCache(num_kv_blocks=self.num_kv_blocks))
         self._collect(KVCacheReady, all_ranks, STARTUP_TIMEOUT_S, "allocate the KV cache")
 

@@ -26,7 +26,7 @@ class LLM:
     """An offline inference engine. Keyword arguments follow vLLM's names (see ``EngineConfig``):
 
     ``tensor_parallel_size=1, dtype="auto", device="auto", max_model_len=None, max_num_seqs=256,
-    max_num_batched_tokens=16384, gpu_memory_utilization=0.9, kvcache_block_size=16,
+    max_num_batched_tokens=16384, gpu_memory_utilization=0.9, kvcache_block_size=None,
     enable_prefix_caching=True, enforce_eager=False,
     load_format="auto"|"dummy", seed=0, attention_backend="auto", num_gpu_blocks_override=None,
     cpu_kvcache_space_gib=1.0, distributed_executor_backend="mp"|"torchrun", tokenizer=None,

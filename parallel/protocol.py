@@ -39,7 +39,7 @@ class WorkerConfig:
     dtype: str  # "float32" | "float16" | "bfloat16"
     device: str  # "cpu" | "cuda"
     load_format: str  # "auto" | "dummy"
-    block_size: int
+    block_size: int  # KV-cache positions a block; 0: the attention backend picks (Ready reports it)
     max_model_len: int
     max_num_seqs: int
     max_num_batched_tokens: int
@@ -70,10 +70,12 @@ class Init:
 
 @dataclass
 class Ready:
-    """A worker has loaded its weights and says how many KV blocks fit on its device."""
+    """A worker has loaded its weights and says how many KV blocks fit on its device, and of what size (the
+    configured one, or its attention backend's choice when none was configured)."""
 
     rank: int
     num_kv_blocks: int
+    block_size: int
 
 
 @dataclass

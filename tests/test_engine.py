@@ -180,6 +180,15 @@ def test_shutdown_keeps_what_the_caller_froze_before_startup(tiny_models):
         gc.unfreeze()
 
 
+def test_unset_block_size_is_resolved_by_the_workers(tiny_models):
+    """No kvcache_block_size: the workers' attention backend picks it (the torch backend on CPU: vLLM's 16)
+    and the engine's config and block manager take what they report."""
+    with LLM(tiny_models["qwen3"], dtype="float32", tensor_parallel_size=2) as llm:
+        assert llm.llm_engine.config.kvcache_block_size == 16
+        assert llm.llm_engine.block_manager.block_size == 16
+        assert llm.llm_engine.executor.block_size == 16
+
+
 def test_prefix_caching_can_be_disabled(tiny_models):
     prompt = make_prompts(1, seed=5, lo=40, hi=40)
     with LLM(tiny_models["qwen3"], dtype="float32", enable_prefix_caching=False) as llm:

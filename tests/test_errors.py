@@ -99,6 +99,7 @@ def test_flash_attn_backend_errors(tiny_models, monkeypatch):
     assert flash_attention.flash_attn_problem("bfloat16", 256, 2) is None
     assert flash_attention.flash_attn_problem("float16", 16, 3) is None
     assert "multiple of 256" in flash_attention.flash_attn_problem("bfloat16", 128, 2)
+    assert flash_attention.flash_attn_problem("bfloat16", 0, 2) is None  # not configured: FA2 picks 256
 
 
 def test_auto_backend_falls_back_to_triton_when_flash_attn_does_not_fit(monkeypatch):
@@ -107,12 +108,32 @@ def test_auto_backend_falls_back_to_triton_when_flash_attn_does_not_fit(monkeypa
     from workers.model_runner import select_attention_backend
 
     monkeypatch.setattr(flash_attention, "flash_attn_supports_gpu", lambda version: True)
-    for version, dtype, block_size in ((None, "bfloat16", 16), (2, "bfloat16", 16), (3, "float32", 16)):
+    # an unconfigured block size (0) counts as vLLM's 16, which FlashAttention-2 cannot take
+    for version, dtype, block_size in ((None, "bfloat16", 16), (2, "bfloat16", 16), (2, "bfloat16", 0),
+                                       (3, "float32", 16)):
         monkeypatch.setattr(flash_attention, "flash_attn_version", lambda v=version: v)
         assert select_attention_backend("auto", "cuda", dtype, block_size).name == "triton"
     monkeypatch.setattr(flash_attention, "flash_attn_version", lambda: None)
     with pytest.raises(ValueError, match="needs FlashAttention, which is not installed"):
         select_attention_backend("flash_attn", "cuda", "bfloat16", 16)
+
+
+def test_default_block_size_is_the_backends_choice(monkeypatch):
+    """kvcache_block_size left unset: vLLM's 16, except the Triton backend from Hopper on (64, the smallest
+    block on which its one-split decode reads K/V tiles by TMA) and FlashAttention-2 (multiples of 256)."""
+    import torch
+    from workers import flash_attention
+    from workers.layers import TorchAttentionBackend, TritonAttentionBackend
+
+    assert TorchAttentionBackend.default_block_size() == 16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, expected in (((8, 0), 16), ((9, 0), 64), ((10, 0), 64)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=capability: c)
+        assert TritonAttentionBackend().default_block_size() == expected
+    fa = object.__new__(flash_attention.FlashAttnBackend)  # no flash-attn here: only the rule
+    for version, expected in ((2, 256), (3, 16)):
+        fa.version = version
+        assert fa.default_block_size() == expected
 
 
 def test_missing_weight_is_named(tiny_models, tmp_path):

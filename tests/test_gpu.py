@@ -22,8 +22,9 @@ def test_greedy_float32_matches_transformers(tiny_models, tp, eager):
     if tp > torch.cuda.device_count():
         pytest.skip(f"needs {tp} GPUs")
     path = tiny_models["qwen3"]
+    # blocks of 16 (not the Hopper default 64), so that the short prompts fill whole blocks to share
     with LLM(path, tensor_parallel_size=tp, dtype="float32", enforce_eager=eager, attention_backend="triton",
-             max_model_len=256) as llm:
+             max_model_len=256, kvcache_block_size=16) as llm:
         outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
         # a second pass hits the prefix cache: the Triton prefill over cached blocks
         again = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
@@ -54,10 +55,14 @@ def test_small_batches_match_transformers(tiny_models, arch, eager, tp):
 
 def test_chunked_prefill_next_to_decodes_matches_transformers(tiny_models):
     """A 64-token budget: steps carry decode rows next to prefill chunks of 17+ tokens, which the Triton
-    backend attends to in two launches (triton_attention.prefill_seq_groups)."""
+    backend attends to in two launches (triton_attention.prefill_seq_groups). No block size given: the
+    Triton backend's choice, 64 from Hopper on, reported by the worker to the engine's block manager."""
     path = tiny_models["qwen3"]
     with LLM(path, dtype="float32", attention_backend="triton", max_model_len=256,
              max_num_batched_tokens=64) as llm:
+        expected = 64 if torch.cuda.get_device_capability(0)[0] >= 9 else 16
+        assert llm.llm_engine.config.kvcache_block_size == expected
+        assert llm.llm_engine.block_manager.block_size == expected
         outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert [o.token_ids for o in outs] == hf_greedy(path, PROMPTS, MAX_TOKENS)
 

@@ -26,7 +26,7 @@ def _config():
 @pytest.mark.parametrize("message", [
     Hello(rank=1, pid=42, host="h"),
     Init(config=_config().__dict__, rank=1),
-    Ready(rank=0, num_kv_blocks=100),
+    Ready(rank=0, num_kv_blocks=100, block_size=64),
     AllocateKVCache(num_kv_blocks=50),
     KVCacheReady(rank=1),
     StepResult(step_id=3, req_ids=[1, 2], token_ids=[10, 20]),

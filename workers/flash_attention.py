@@ -29,6 +29,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from workers.layers import DEFAULT_KV_BLOCK_SIZE
+
 FLASH_DTYPES = ("float16", "bfloat16")
 FA2_BLOCK_MULTIPLE = 256  # FlashAttention-2's paged KV kernels
 INSTALL_HINT = ("pip install flash-attn (FlashAttention-2), or FlashAttention-3 "
@@ -49,13 +51,14 @@ def flash_attn_version() -> Optional[int]:
 
 
 def flash_attn_problem(dtype: str, block_size: int, version: Optional[int]) -> Optional[str]:
-    """Why attention_backend='flash_attn' cannot run this configuration (an error message), or None."""
+    """Why attention_backend='flash_attn' cannot run this configuration (an error message), or None.
+    block_size 0: not configured (FlashAttnBackend.default_block_size picks one that fits)."""
     if version is None:
         return f"attention_backend='flash_attn' needs FlashAttention, which is not installed: {INSTALL_HINT}"
     if dtype not in FLASH_DTYPES:
         return (f"attention_backend='flash_attn' supports float16 and bfloat16 only, not dtype={dtype!r}: "
                 f"use dtype='bfloat16' or attention_backend='triton'")
-    if version == 2 and block_size % FA2_BLOCK_MULTIPLE:
+    if version == 2 and block_size and block_size % FA2_BLOCK_MULTIPLE:
         return (f"attention_backend='flash_attn' with FlashAttention-2 needs kvcache_block_size to be a multiple "
                 f"of {FA2_BLOCK_MULTIPLE}, got {block_size}: use kvcache_block_size={FA2_BLOCK_MULTIPLE}, "
                 f"or FlashAttention-3 (any block size)")
@@ -79,9 +82,12 @@ def flash_attn_supports_gpu(version: int) -> bool:
 
 def auto_picks_flash_attn(dtype: str, block_size: int) -> bool:
     """attention_backend="auto" on CUDA: flash-attn when it is installed, fits the dtype and block size,
-    and runs on this GPU (as vLLM does); otherwise our Triton kernels."""
+    and runs on this GPU (as vLLM does); otherwise our Triton kernels. An unconfigured block size (0) is
+    judged as vLLM's default 16, so FlashAttention-2 (multiples of 256) is taken only when asked for by name
+    or by a block size that fits it."""
     version = flash_attn_version()
-    return flash_attn_problem(dtype, block_size, version) is None and flash_attn_supports_gpu(version)
+    return (flash_attn_problem(dtype, block_size or DEFAULT_KV_BLOCK_SIZE, version) is None
+            and flash_attn_supports_gpu(version))
 
 
 class FlashAttnBackend:
@@ -101,6 +107,10 @@ class FlashAttnBackend:
         self.fa = importlib.import_module("flash_attn_interface" if self.version == 3 else "flash_attn")
         from workers.kernels import triton_attention
         self.kernels = triton_attention
+
+    def default_block_size(self) -> int:
+        """FlashAttention-2's paged KV wants multiples of 256; FlashAttention-3 takes any size."""
+        return FA2_BLOCK_MULTIPLE if self.version == 2 else DEFAULT_KV_BLOCK_SIZE
 
     def store_kvcache(self, k, v, k_cache, v_cache, slot_mapping):
         self.kernels.store_kvcache(k, v, k_cache, v_cache, slot_mapping)

@@ -82,10 +82,11 @@ class StepHandle:
     logprobs: Optional[tuple] = None  # (req ids, sampled logprobs, top ids, top logprobs), device tensors
 
 
-def select_attention_backend(name: str, device: str, dtype: str = "float32", block_size: int = 16):
+def select_attention_backend(name: str, device: str, dtype: str = "float32", block_size: int = 0):
     """The attention backend for ``name``. "auto": the torch reference on CPU; on CUDA flash-attn when it is
     installed and fits the dtype (fp16/bf16), the block size (FA2: multiples of 256) and the GPU, else our
-    Triton kernels (as vLLM does)."""
+    Triton kernels (as vLLM does). block_size 0: not configured; the backend's default_block_size() then
+    gives it."""
     if device == "cpu":
         if name not in ("auto", "torch"):
             raise ValueError(f"attention_backend={name!r} needs a CUDA device; on CPU use 'torch'")
@@ -127,9 +128,9 @@ class ModelRunner:
         self.dtype = DTYPES[config.dtype]
         with open(os.path.join(config.model, "config.json")) as f:
             self.spec = ModelSpec.from_hf_config(json.load(f))
-        self.block_size = config.block_size
         self.backend = select_attention_backend(config.attention_backend, config.device, config.dtype,
                                                 config.block_size)
+        self.block_size = config.block_size or self.backend.default_block_size()
         self.use_graphs = device.type == "cuda" and not config.enforce_eager
         torch.manual_seed(config.seed)
         with torch.device(device):

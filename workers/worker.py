@@ -87,7 +87,7 @@ def serve(channel: WorkerChannel, config: WorkerConfig, rank: int, local_rank: i
 
 
 def _serve_steps(channel: WorkerChannel, runner, rank: int, parent_pid: int) -> None:
-    channel.send(Ready(rank=rank, num_kv_blocks=runner.max_num_kv_blocks()))
+    channel.send(Ready(rank=rank, num_kv_blocks=runner.max_num_kv_blocks(), block_size=runner.block_size))
     runner.allocate_kv_cache(_expect(_recv(channel, parent_pid), AllocateKVCache).num_kv_blocks)
     # Everything allocated so far (model, graphs, imports) lives until exit: freeze it out of the garbage
     # collector, so the collections that per-step garbage triggers stay short (no pauses of many ms).

@@ -66,6 +66,7 @@ _MAX_RESIDENT_PROGRAMS_PER_SM = 4
 # The TMA decode kernel's tile (one box of one KV block) and pipeline depth: the best of the H200 probe at
 # batch 64 (docs/kernels.md, "K/V tiles by TMA").
 _TMA_BLOCK_N = 64
+TMA_MIN_BLOCK_SIZE = _TMA_BLOCK_N  # a K/V tile is one TMA box inside one cache block
 _TMA_STAGES = 2
 
 
@@ -478,7 +479,7 @@ def tma_decode_applies(num_splits: int, block_size: int, head_dim: int, elem_byt
     "K/V tiles by TMA"). Tiles of several boxes over blocks of 16 were slower (50.2), and from two waves up the
     pointer kernel's 128-position tiles are as fast or faster."""
     return (num_splits == 1 and capability_major >= 9 and elem_bytes == 2 and head_dim in (64, 128)
-            and block_size >= _TMA_BLOCK_N and programs <= _MAX_RESIDENT_PROGRAMS_PER_SM * num_sms)
+            and block_size >= TMA_MIN_BLOCK_SIZE and programs <= _MAX_RESIDENT_PROGRAMS_PER_SM * num_sms)
 
 
 def _tma_decode_fits(q, k_cache, v_cache, out) -> bool:
