@@ -89,17 +89,18 @@ class EngineConfig:
 
     def _check_ints(self) -> None:
         for name, minimum in (("tensor_parallel_size", 1), ("max_num_seqs", 1), ("max_num_batched_tokens", 1),
-                              ("kvcache_block_size", 1), ("seed", 0)):
+                              ("seed", 0)):
             value = getattr(self, name)
-            if name == "kvcache_block_size" and value is None:
-                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name}={value!r}: must be an int >= {minimum}")
         if self.max_num_seqs > MAX_NUM_SEQS:
             raise ValueError(f"max_num_seqs={self.max_num_seqs}: must be at most {MAX_NUM_SEQS} (a decode batch is "
                              "one dimension of the attention kernels' CUDA grid)")
-        if self.kvcache_block_size and self.kvcache_block_size & (self.kvcache_block_size - 1):
-            raise ValueError(f"kvcache_block_size={self.kvcache_block_size}: must be a power of two")
+        block = self.kvcache_block_size
+        if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1
+                                  or block & (block - 1)):
+            raise ValueError(f"kvcache_block_size={block!r}: must be a power of two, or None for the attention "
+                             "backend's choice")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
             raise ValueError(f"max_model_len={self.max_model_len!r}: must be a positive int")
 
