@@ -251,8 +251,9 @@ def test_decode_single_split_real_size(block_size):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+# group 3: SmolLM2-135M's 9 query heads over 3 KV heads, a group that fills part of the 16-row head tile
 @pytest.mark.parametrize("block_size,block_n,group,head_dim", [(64, 64, 2, 64), (128, 64, 2, 128), (64, 32, 1, 64),
-                                                               (64, 64, 8, 128)])
+                                                               (64, 64, 8, 128), (64, 64, 3, 64)])
 def test_tma_decode_against_float64(dtype, block_size, block_n, group, head_dim):
     # The TMA kernel itself (the engine takes it on Hopper only). Contexts: one token, a partial last tile, a
     # multiple of the tile, a padded row, a long one; the slots past every context hold NaN (PagedKV), which a
