@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: GPU tests, then the benchmarks. Usage (from the repo root, on the device):
-#   bash scripts/gpu_session.sh [tests|bench|bench-fa3|bench-tp2|profile|profile-latency|profile-prefill|cprofile|
+#   bash scripts/gpu_session.sh [tests|tests-engine|tests-kernels|bench|bench-fa3|bench-tp2|profile|profile-latency|profile-prefill|cprofile|
 #                                cprofile-latency|sweep|probe|decode-step|fa3|latency|pytest|ab|env-ab|arg-ab|all]
+# `tests` runs every GPU test file (9.3 minutes on an H200 in 2026-12-02's session 9, near a call's 10-minute
+# limit); `tests-engine` (tests/test_gpu.py) and `tests-kernels` (the kernel files) split it over two calls.
 # BENCH_ARGS (e.g. "--attention-backend triton") go to bench.py and bench_latency.py; SWEEP_ARGS to kernel_sweep.py....
 # Writes logs and JSON under $OUT (or ./gpu_out). `profile` runs bench.py with the worker's torch-profiler
 # window (steps 300-330, NANOVLLM_PROFILE_DIR) and prints the device busy/idle share of that window and its
@@ -58,7 +60,9 @@ ab_variants() {
 }
 for what in "${@:-all}"; do
   case $what in
-    tests|all) python3 -m pytest -q -x tests/test_gpu.py tests/test_sampler.py tests/test_fused_kernels.py tests/test_triton_kernels.py 2>&1 | tee "$OUT/tests.log" | tail -3 ;;&
+    tests|all) python3 -m pytest -q -x --durations=12 tests/test_gpu.py tests/test_sampler.py tests/test_fused_kernels.py tests/test_triton_kernels.py 2>&1 | tee "$OUT/tests.log" | tail -16 ;;&
+    tests-engine) python3 -m pytest -q -x --durations=12 tests/test_gpu.py 2>&1 | tee "$OUT/tests_engine.log" | tail -16 ;;&
+    tests-kernels) python3 -m pytest -q -x --durations=12 tests/test_sampler.py tests/test_fused_kernels.py tests/test_triton_kernels.py 2>&1 | tee "$OUT/tests_kernels.log" | tail -16 ;;&
     pytest) eval python3 -m pytest -q -rs "${PYTEST_ARGS:-tests/test_gpu.py}" 2>&1 | tee "$OUT/pytest.log" | tail -8 ;;&
     bench|all) NANOVLLM_STEP_TIMING=1 python3 bench.py --runs 2 ${BENCH_ARGS:-} --json "$OUT/bench.json" 2>&1 | grep -v "^W1122" | tee "$OUT/bench.log" ;;&
     bench-fa3) NANOVLLM_STEP_TIMING=1 python3 bench.py --runs 2 --attention-backend flash_attn --json "$OUT/bench_fa3.json" 2>&1 | grep -v "^W1122" | tee "$OUT/bench_fa3.log" ;;&
