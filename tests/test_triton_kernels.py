@@ -221,6 +221,17 @@ def test_decode_gqa_head_dim(dtype, group, head_dim):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group,head_dim", [(2, 16), (3, 32), (2, 64)])
+def test_small_head_dims_at_blocks_of_64(dtype, group, head_dim):
+    # the GPU test models' head dims (16: qwen3, 32: qwen2) at the Hopper default block size (64 since
+    # session 9), decode by the rule's splits and at one split, and prefill with and without a cached prefix
+    ctx = [1, 37, 64, 0, 150]
+    for num_splits in (None, 1):
+        _run_decode_case(dtype, group, head_dim, 64, ctx, num_splits=num_splits, seed=head_dim)
+    _run_prefill_case(dtype, group, head_dim, 64, [(5, 5), (23, 61), (1, 30), (9, 137)], seed=head_dim)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size", [8, 64, 128])
 @pytest.mark.parametrize("num_splits", [1, 3, 4])
 def test_decode_block_sizes_and_splits(dtype, block_size, num_splits):
