@@ -73,11 +73,11 @@ def specs() -> list:
                         f"{splits} split(s)", ta._decode_split_kernel, attn_ptrs,
                         dict(GROUP=HQ // HKV, HEAD_DIM=D, BLOCK_H=16, BLOCK_D=D, BLOCK_N=block_n, BLOCK_SIZE=16,
                              NUM_SPLITS=splits, IEEE=False, PDL=True, stride_qd=1, stride_od=1), warps, stages))
-    tma_ptrs = dict(attn_ptrs, k_desc=f"tensordesc<bf16[{ta._TMA_BLOCK_N}, {D}]>",
-                    v_desc=f"tensordesc<bf16[{ta._TMA_BLOCK_N}, {D}]>")
-    out.append(Spec("decode_attention", f"decode TMA kernel (Hopper), blocks of 64, BLOCK_N {ta._TMA_BLOCK_N}, "
+    tma_ptrs = dict(attn_ptrs, k_desc=f"tensordesc<bf16[{ta.TMA_BLOCK_N}, {D}]>",
+                    v_desc=f"tensordesc<bf16[{ta.TMA_BLOCK_N}, {D}]>")
+    out.append(Spec("decode_attention", f"decode TMA kernel (Hopper), blocks of 64, BLOCK_N {ta.TMA_BLOCK_N}, "
                     f"{ta._TMA_STAGES} stages", ta._decode_tma_kernel, tma_ptrs,
-                    dict(GROUP=HQ // HKV, HEAD_DIM=D, BLOCK_H=16, BLOCK_N=ta._TMA_BLOCK_N, BLOCK_SIZE=64,
+                    dict(GROUP=HQ // HKV, HEAD_DIM=D, BLOCK_H=16, BLOCK_N=ta.TMA_BLOCK_N, BLOCK_SIZE=64,
                          STAGES=ta._TMA_STAGES, IEEE=False, PDL=True), 4, ta._TMA_STAGES))
     out.append(Spec("decode_attention", "decode split reduction, 4 splits", ta._decode_reduce_kernel, attn_ptrs,
                     dict(NUM_HEADS=HQ, HEAD_DIM=D, BLOCK_D=D, BLOCK_N=64, NUM_SPLITS=4, BLOCK_S=4, PDL=True,

@@ -204,7 +204,7 @@ class TritonAttentionBackend:
         """Hopper and later: blocks of 64, the smallest on which the one-split decode reads its K/V tiles by
         TMA (triton_attention.tma_decode_applies). Measured on an H200 against vLLM's 16: batch-64 TPOT 2.14
         against 2.19 ms, bench.py 75.3-75.7 % of the roofline against 74.8 % (docs/benchmarks.md)."""
-        return self.kernels.TMA_MIN_BLOCK_SIZE if self.hopper_or_later else DEFAULT_KV_BLOCK_SIZE
+        return self.kernels.TMA_BLOCK_N if self.hopper_or_later else DEFAULT_KV_BLOCK_SIZE
 
     def store_kvcache(self, k, v, k_cache, v_cache, slot_mapping):
         self.kernels.store_kvcache(k, v, k_cache, v_cache, slot_mapping)

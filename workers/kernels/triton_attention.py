@@ -63,10 +63,10 @@ _SINGLE_SPLIT_VARIANT_PROGRAMS_PER_SM = 2.5
 # The most decode programs an SM holds at once: four with 64-token tiles (124 registers a thread, 38.5 KB of
 # shared memory; three with 128-token ones), scripts/kernel_resources.py.
 _MAX_RESIDENT_PROGRAMS_PER_SM = 4
-# The TMA decode kernel's tile (one box of one KV block) and pipeline depth: the best of the H200 probe at
-# batch 64 (docs/kernels.md, "K/V tiles by TMA").
-_TMA_BLOCK_N = 64
-TMA_MIN_BLOCK_SIZE = _TMA_BLOCK_N  # a K/V tile is one TMA box inside one cache block
+# The TMA decode kernel's tile and pipeline depth: the best of the H200 probe at batch 64 (docs/kernels.md,
+# "K/V tiles by TMA"). A tile is one TMA box inside one cache block, so it is also the smallest block size
+# the kernel takes (and the Triton backend's default block size on Hopper).
+TMA_BLOCK_N = 64
 _TMA_STAGES = 2
 
 
@@ -479,7 +479,7 @@ def tma_decode_applies(num_splits: int, block_size: int, head_dim: int, elem_byt
     "K/V tiles by TMA"). Tiles of several boxes over blocks of 16 were slower (50.2), and from two waves up the
     pointer kernel's 128-position tiles are as fast or faster."""
     return (num_splits == 1 and capability_major >= 9 and elem_bytes == 2 and head_dim in (64, 128)
-            and block_size >= TMA_MIN_BLOCK_SIZE and programs <= _MAX_RESIDENT_PROGRAMS_PER_SM * num_sms)
+            and block_size >= TMA_BLOCK_N and programs <= _MAX_RESIDENT_PROGRAMS_PER_SM * num_sms)
 
 
 def _tma_decode_fits(q, k_cache, v_cache, out) -> bool:
@@ -495,7 +495,7 @@ def _tma_decode_fits(q, k_cache, v_cache, out) -> bool:
             and k_cache.is_contiguous() and v_cache.is_contiguous())
 
 
-def _tma_decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, out, block_n=_TMA_BLOCK_N,
+def _tma_decode_launch(q, k_cache, v_cache, block_tables, context_lens, scale, out, block_n=TMA_BLOCK_N,
                        stages=_TMA_STAGES):
     """One-split decode attention on _decode_tma_kernel (paged_decode_attention's contract)."""
     batch, num_q_heads, head_dim = q.shape
