@@ -27,7 +27,9 @@ if [ "${1:-}" = ab-tree ]; then  # on the CPU machine, not the device: the older
 fi
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
-if ! python3 -c "import zmq" 2>/dev/null; then
+# .whl/ holds pyzmq (../shared/wheels) and, for the GPU tests in parallel, pytest-xdist and execnet (`pip download
+# --no-deps -d .whl pytest-xdist execnet` on the CPU machine); the device has no package index
+if ! python3 -c "import zmq, xdist" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --upgrade --target .site .whl/*.whl && export PYTHONPATH=$PWD/.site:${PYTHONPATH:-}
 fi
 # FlashAttention-3: the tokenspeed-fa3 wheel's files unpacked in .fa3/ (git-ignored; no package index here),
@@ -44,6 +46,10 @@ if [ -f .fa3/flash_attn_3/_C.abi3.so.xz ]; then
   export PYTHONPATH=$PWD/.fa3_site:${PYTHONPATH:-}
 fi
 SITE_PATH=${PYTHONPATH:-}
+# the GPU tests in TEST_WORKERS processes (default 6; 0: one) when pytest-xdist is there: they are bound by
+# Triton compiles and engine start-ups on the host's cores, and each test's engine takes little GPU memory
+PARALLEL=""
+if [ "${TEST_WORKERS:-6}" != 0 ] && python3 -c "import xdist" 2>/dev/null; then PARALLEL="-n ${TEST_WORKERS:-6}"; fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 # env-ab / arg-ab: AB_CMD once per variant (an environment setting NAME=VALUE, or extra flags), AB_ROUNDS
@@ -60,9 +66,9 @@ ab_variants() {
 }
 for what in "${@:-all}"; do
   case $what in
-    tests|all) python3 -m pytest -q -x --durations=12 tests/test_gpu.py tests/test_sampler.py tests/test_fused_kernels.py tests/test_triton_kernels.py 2>&1 | tee "$OUT/tests.log" | tail -16 ;;&
-    tests-engine) python3 -m pytest -q -x --durations=12 tests/test_gpu.py 2>&1 | tee "$OUT/tests_engine.log" | tail -16 ;;&
-    tests-kernels) python3 -m pytest -q -x --durations=12 tests/test_sampler.py tests/test_fused_kernels.py tests/test_triton_kernels.py 2>&1 | tee "$OUT/tests_kernels.log" | tail -16 ;;&
+    tests|all) python3 -m pytest -q -x --durations=12 $PARALLEL tests/test_gpu.py tests/test_sampler.py tests/test_fused_kernels.py tests/test_triton_kernels.py 2>&1 | tee "$OUT/tests.log" | tail -16 ;;&
+    tests-engine) python3 -m pytest -q -x --durations=12 $PARALLEL tests/test_gpu.py 2>&1 | tee "$OUT/tests_engine.log" | tail -16 ;;&
+    tests-kernels) python3 -m pytest -q -x --durations=12 $PARALLEL tests/test_sampler.py tests/test_fused_kernels.py tests/test_triton_kernels.py 2>&1 | tee "$OUT/tests_kernels.log" | tail -16 ;;&
     pytest) eval python3 -m pytest -q -rs "${PYTEST_ARGS:-tests/test_gpu.py}" 2>&1 | tee "$OUT/pytest.log" | tail -8 ;;&
     bench|all) NANOVLLM_STEP_TIMING=1 python3 bench.py --runs 2 ${BENCH_ARGS:-} --json "$OUT/bench.json" 2>&1 | grep -v "^W1122" | tee "$OUT/bench.log" ;;&
     bench-fa3) NANOVLLM_STEP_TIMING=1 python3 bench.py --runs 2 --attention-backend flash_attn --json "$OUT/bench_fa3.json" 2>&1 | grep -v "^W1122" | tee "$OUT/bench_fa3.log" ;;&
