@@ -184,7 +184,8 @@ def test_bf16_prefill_graph_logits_match_eager(tiny_models):
     runner._run_prefill_graph = lambda size, n, inp: calls.append(size) or run_graph(size, n, inp)
     prompt = [random.Random(5).randrange(1, 512) for _ in range(150)]
     new = NewRequest(req_id=0, prompt_token_ids=prompt, output_token_ids=[],
-                     sampling=SamplingFields(temperature=0).__dict__, block_ids=list(range(10)),
+                     sampling=SamplingFields(temperature=0).__dict__,
+                     block_ids=list(range(-(-len(prompt) // runner.block_size))),  # the backend's block size
                      num_computed_tokens=0, num_scheduled_tokens=len(prompt))
     scheduled = runner.apply_plan(StepPlan(1, [new], [], [], [], [], [], [], []))
     inp = runner._prepare(scheduled)
