@@ -2,8 +2,9 @@
 # One call on a lent GPU machine: GPU tests, then the benchmarks. Usage (from the repo root, on the device):
 #   bash scripts/gpu_session.sh [tests|tests-engine|tests-kernels|bench|bench-fa3|bench-tp2|profile|profile-latency|profile-prefill|cprofile|
 #                                cprofile-latency|sweep|probe|decode-step|fa3|latency|pytest|ab|env-ab|arg-ab|all]
-# `tests` runs every GPU test file (9.3 minutes on an H200 in 2026-12-02's session 9, near a call's 10-minute
-# limit); `tests-engine` (tests/test_gpu.py) and `tests-kernels` (the kernel files) split it over two calls.
+# `tests` runs every GPU test file (9.3 minutes in one process on an H200 in 2026-12-02's session 9; 116 s under
+# pytest-xdist with 8 workers in session 10); `tests-engine` (tests/test_gpu.py) and `tests-kernels` (the kernel
+# files) split it over two calls where pytest-xdist is missing.
 # BENCH_ARGS (e.g. "--attention-backend triton") go to bench.py and bench_latency.py; SWEEP_ARGS to kernel_sweep.py....
 # Writes logs and JSON under $OUT (or ./gpu_out). `profile` runs bench.py with the worker's torch-profiler
 # window (steps 300-330, NANOVLLM_PROFILE_DIR) and prints the device busy/idle share of that window and its
