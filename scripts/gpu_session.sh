@@ -47,10 +47,10 @@ if [ -f .fa3/flash_attn_3/_C.abi3.so.xz ]; then
   export PYTHONPATH=$PWD/.fa3_site:${PYTHONPATH:-}
 fi
 SITE_PATH=${PYTHONPATH:-}
-# the GPU tests in TEST_WORKERS processes (default 6; 0: one) when pytest-xdist is there: they are bound by
+# the GPU tests in TEST_WORKERS processes (default 8, as measured; 0: one) when pytest-xdist is there: they are bound by
 # Triton compiles and engine start-ups on the host's cores, and each test's engine takes little GPU memory
 PARALLEL=""
-if [ "${TEST_WORKERS:-6}" != 0 ] && python3 -c "import xdist" 2>/dev/null; then PARALLEL="-n ${TEST_WORKERS:-6}"; fi
+if [ "${TEST_WORKERS:-8}" != 0 ] && python3 -c "import xdist" 2>/dev/null; then PARALLEL="-n ${TEST_WORKERS:-8}"; fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 # env-ab / arg-ab: AB_CMD once per variant (an environment setting NAME=VALUE, or extra flags), AB_ROUNDS
