@@ -47,8 +47,9 @@ if [ -f .fa3/flash_attn_3/_C.abi3.so.xz ]; then
   export PYTHONPATH=$PWD/.fa3_site:${PYTHONPATH:-}
 fi
 SITE_PATH=${PYTHONPATH:-}
-# the GPU tests in TEST_WORKERS processes (default 8, as measured; 0: one) when pytest-xdist is there: they are bound by
-# Triton compiles and engine start-ups on the host's cores, and each test's engine takes little GPU memory
+# the GPU tests in TEST_WORKERS processes (default 8, as measured; 0: one) when pytest-xdist is there: they
+# are bound by Triton compiles and engine start-ups on the host's cores, and each test's engine takes little
+# GPU memory (its KV blocks are capped at what max_num_seqs x max_model_len can use)
 PARALLEL=""
 if [ "${TEST_WORKERS:-8}" != 0 ] && python3 -c "import xdist" 2>/dev/null; then PARALLEL="-n ${TEST_WORKERS:-8}"; fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
