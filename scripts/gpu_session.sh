@@ -54,6 +54,8 @@ PARALLEL=""
 if [ "${TEST_WORKERS:-8}" != 0 ] && python3 -c "import xdist" 2>/dev/null; then PARALLEL="-n ${TEST_WORKERS:-8}"; fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+# whether CUDA C++ could be built here (torch.utils.cpp_extension): for kernels Triton cannot express
+python3 -c "from torch.utils.cpp_extension import CUDA_HOME; import shutil; print('CUDA_HOME', CUDA_HOME, 'nvcc', shutil.which('nvcc'))" 2>&1 | tee -a "$OUT/gpu.txt"
 # env-ab / arg-ab: AB_CMD once per variant (an environment setting NAME=VALUE, or extra flags), AB_ROUNDS
 # rounds, the variants interleaved within each round
 ab_variants() {
