@@ -91,17 +91,16 @@ class EngineConfig:
         for name, minimum in (("tensor_parallel_size", 1), ("max_num_seqs", 1), ("max_num_batched_tokens", 1),
                               ("seed", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            if not _is_int_at_least(value, minimum):
                 raise ValueError(f"{name}={value!r}: must be an int >= {minimum}")
         if self.max_num_seqs > MAX_NUM_SEQS:
             raise ValueError(f"max_num_seqs={self.max_num_seqs}: must be at most {MAX_NUM_SEQS} (a decode batch is "
                              "one dimension of the attention kernels' CUDA grid)")
         block = self.kvcache_block_size
-        if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1
-                                  or block & (block - 1)):
+        if block is not None and not (_is_int_at_least(block, 1) and block & (block - 1) == 0):
             raise ValueError(f"kvcache_block_size={block!r}: must be a power of two, or None for the attention "
                              "backend's choice")
-        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
+        if self.max_model_len is not None and not _is_int_at_least(self.max_model_len, 1):
             raise ValueError(f"max_model_len={self.max_model_len!r}: must be a positive int")
 
     def _check_flash_attn(self) -> None:
@@ -145,3 +144,8 @@ ENGINE_ARGS = tuple(f.name for f in fields(EngineConfig) if f.name not in ("mode
 def _cuda_available() -> bool:
     import torch
     return torch.cuda.is_available()
+
+
+def _is_int_at_least(value, minimum: int) -> bool:
+    """An int (not a bool, which Python counts as one) of at least ``minimum``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum

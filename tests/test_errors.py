@@ -63,7 +63,9 @@ def test_bad_engine_arguments(tiny_models, tmp_path):
         LLM(tiny_models["qwen3"], max_model_len=100000)
     with pytest.raises(ValueError, match="max_num_seqs=70000: must be at most 65535"):
         LLM(tiny_models["qwen3"], max_num_seqs=70000)
-    for block in (0, 48, "16"):
+    with pytest.raises(ValueError, match="max_model_len=True: must be a positive int"):
+        LLM(tiny_models["qwen3"], max_model_len=True)  # a bool is an int to Python, not a length
+    for block in (0, 48, "16", True):
         with pytest.raises(ValueError, match=f"kvcache_block_size={block!r}: must be a power of two"):
             LLM(tiny_models["qwen3"], kvcache_block_size=block)
     bad = tmp_path / "bert"

@@ -83,7 +83,8 @@ def test_single_split_decode_graph_matches_eager(tiny_models, monkeypatch, arch,
     from workers.model_runner import graph_batch_sizes
     kv_heads, sms = 2, device_sms(torch.device("cuda", 0))  # the tiny qwen3s' KV heads
     max_blocks = 256 // block_size  # max_model_len 256
-    size = next(s for s in graph_batch_sizes(512) if has_single_split_variant(s, kv_heads, max_blocks, block_size, sms))
+    size = next(s for s in graph_batch_sizes(512)
+                if has_single_split_variant(s, kv_heads, max_blocks, block_size, sms))
     rng = random.Random(0)
     prompts = [[rng.randrange(1, 500) for _ in range(24)] for _ in range(size)]  # equal contexts: it applies
     replayed, tma_launches = [], []
