@@ -57,7 +57,7 @@ def _gemm(label: str, m: int, n: int, k: int, silu: bool = False, split: bool = 
                 {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": out},
                 dict(HAS_BIAS=False, SILU_MUL=silu, SPLIT_OUT=config.split_k > 1, BLOCK_M=config.block_m,
                      BLOCK_N=config.block_n, BLOCK_K=config.block_k, STAGES=config.stages, PRECISION="tf32",
-                     PDL=True, PREFETCH=True), config.warps, config.stages)
+                     PDL=True), config.warps, config.stages)
 
 
 def specs() -> list:
@@ -104,7 +104,7 @@ def specs() -> list:
                          "vc_ptr": "*bf16", "slot_ptr": "*i64"},
                         dict(NUM_Q=HQ, NUM_KV=HKV, HALF=D // 2, PARTS=qkv.parts, HAS_BIAS=False, HAS_NORM=qk_norm,
                              STORE=True, BLOCK_M=qkv.block_m, BLOCK_K=qkv.block_k, STAGES=qkv.stages,
-                             PRECISION="tf32", PDL=True, PREFETCH=True), qkv.warps, qkv.stages))
+                             PRECISION="tf32", PDL=True), qkv.warps, qkv.stages))
     norm_ptrs = {"x_ptr": "*fp32", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "res_out_ptr": "*bf16"}
     for splits in (0, 4):
         out.append(Spec("fused", f"residual add + RMSNorm, {splits or 'no'} split-K partial sums",

@@ -23,7 +23,6 @@ import triton.language as tl
 
 from workers.kernels import pdl
 from workers.kernels.pdl import enter as pdl_enter
-from workers.kernels.pdl import prefetch_l2
 from workers.kernels.triton_attention import device_sms
 
 
@@ -31,18 +30,12 @@ from workers.kernels.triton_attention import device_sms
 def _decode_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, K_PER_SPLIT, HALF_N, stride_xm, stride_wn, stride_ys,
                         stride_ym, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, SPLIT_OUT: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        STAGES: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
-                        PREFETCH: tl.constexpr):
+                        STAGES: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    w_rows = w_ptr + offs_n.to(tl.int64) * stride_wn + pid_s * K_PER_SPLIT  # this program's K range of them
-    row_bytes = K_PER_SPLIT * w_ptr.dtype.element_ty.primitive_bitwidth // 8
-    prefetch_l2(w_rows, row_bytes, PREFETCH)
-    if SILU_MUL:
-        prefetch_l2(w_rows + HALF_N.to(tl.int64) * stride_wn, row_bytes, PREFETCH)
-    pdl_enter(PDL)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_s * K_PER_SPLIT + tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
@@ -111,14 +104,13 @@ def decode_gemm(x: torch.Tensor, weight: torch.Tensor, config: GemmConfig, bias:
         y = torch.empty(m, out_n, dtype=x.dtype, device=x.device)
     grid = (out_n // config.block_n, config.split_k, triton.cdiv(m, config.block_m))
     use_pdl = pdl.enabled(x.device, "gemm")
-    prefetch = pdl.prefetch_applies(weight, use_pdl, k // config.split_k * weight.element_size())
     _decode_gemm_kernel[grid](
         x, weight, bias if bias is not None else weight, y, m, k // config.split_k, out_n, x.stride(0),
         weight.stride(0), y.stride(0) if split else 0, y.stride(-2),
         HAS_BIAS=bias is not None, SILU_MUL=silu_mul, SPLIT_OUT=split, BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, STAGES=config.stages,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=use_pdl, PREFETCH=prefetch,
-        num_warps=config.warps, launch_pdl=use_pdl)
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=use_pdl, num_warps=config.warps,
+        launch_pdl=use_pdl)
     return SplitSums(y, x.dtype) if split else y
 
 
@@ -203,25 +195,19 @@ def _qkv_rope_kernel(x_ptr, w_ptr, b_ptr, y_ptr, qw_ptr, kw_ptr, cos_sin_ptr, po
                      M, K, stride_xm, stride_wn, stride_ym, stride_cs, stride_c_slot, stride_c_h, eps,
                      NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HALF: tl.constexpr, PARTS: tl.constexpr,
                      HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, STORE: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
-                     PREFETCH: tl.constexpr):
+                     BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
     """One program: 2 * HALF / PARTS output features of one head for BLOCK_M rows: its share of the head's
     rotary pairs (features d and d + HALF, which rotary mixes), as two [HALF / PARTS, BLOCK_M] halves. q and k
     heads then get their RMSNorm and rotary, with the rounding points of fused.qk_norm_rope after a plain
     projection; every head is written to y, and with STORE the k and v heads also into the paged caches at
     the rows' slots (slot < 0: padding, not written). PARTS > 1 (no program has a whole head) only without
     the norm (HAS_NORM false)."""
+    pdl_enter(PDL)
     head = tl.program_id(0) // PARTS
     part = tl.program_id(0) % PARTS
     PAIRS: tl.constexpr = HALF // PARTS
     pid_m = tl.program_id(1)
     offs_d = part * PAIRS + tl.arange(0, PAIRS)  # this program's rotary pairs: features d and d + HALF
-    # this program's weight rows (features d and d + HALF), whole K
-    w_rows = w_ptr + (head * (2 * HALF) + offs_d).to(tl.int64) * stride_wn
-    row_bytes = K * w_ptr.dtype.element_ty.primitive_bitwidth // 8
-    prefetch_l2(w_rows, row_bytes, PREFETCH)
-    prefetch_l2(w_rows + HALF * stride_wn, row_bytes, PREFETCH)
-    pdl_enter(PDL)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
@@ -359,7 +345,6 @@ def qkv_rope(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     has_norm = q_weight is not None
     assert config.parts == 1 or not has_norm, "the q/k norm needs a whole head in one program"
     use_pdl = pdl.enabled(x.device, "gemm")
-    prefetch = pdl.prefetch_applies(weight, use_pdl, k * weight.element_size())
     _qkv_rope_kernel[(heads * config.parts, triton.cdiv(m, config.block_m))](
         x, weight, bias if bias is not None else weight, y, q_weight if has_norm else weight,
         k_weight if has_norm else weight, cos_sin, positions, k_cache if store else y, v_cache if store else y,
@@ -367,6 +352,6 @@ def qkv_rope(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
         y.stride(0), cos_sin.stride(0), k_cache.stride(-3) if store else 0, k_cache.stride(-2) if store else 0, eps,
         NUM_Q=num_heads, NUM_KV=num_kv_heads, HALF=head_dim // 2, PARTS=config.parts, HAS_BIAS=bias is not None,
         HAS_NORM=has_norm, STORE=store, BLOCK_M=config.block_m, BLOCK_K=config.block_k, STAGES=config.stages,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=use_pdl, PREFETCH=prefetch,
-        num_warps=config.warps, launch_pdl=use_pdl)
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=use_pdl, num_warps=config.warps,
+        launch_pdl=use_pdl)
     return y

@@ -8,8 +8,7 @@ CUDA graphs keep these edges. The rule that makes it safe: every kernel launched
 (``enter``), so no kernel can finish, and none after it start reading, before its predecessor completed.
 
 ``NANOVLLM_PDL=0`` turns it off, ``NANOVLLM_PDL=-gemm,-attention`` for the named kernel families only
-(norm, rope, silu, attention, gemm, sampler): for A/B measurements. ``-prefetch`` keeps PDL but drops the
-projections' L2 prefetch of their weight rows before they wait (``prefetch_l2``).
+(norm, rope, silu, attention, gemm, sampler): for A/B measurements.
 """
 
 from __future__ import annotations
@@ -43,22 +42,3 @@ def enter(PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-
-
-def prefetch_applies(weight: torch.Tensor, use_pdl: bool, bytes_per_row: int) -> bool:
-    """Whether a PDL-launched projection asks L2 for its weight rows before it waits (``prefetch_l2``): the
-    bulk prefetch wants 16-byte aligned rows and sizes."""
-    return (use_pdl and enabled(weight.device, "prefetch") and weight.data_ptr() % 16 == 0
-            and (weight.stride(0) * weight.element_size()) % 16 == 0 and bytes_per_row % 16 == 0)
-
-
-@triton.jit
-def prefetch_l2(row_ptrs, bytes_per_row, ENABLED: tl.constexpr):
-    """Ask L2 for ``bytes_per_row`` bytes from each of ``row_ptrs`` (``cp.async.bulk.prefetch.L2``, sm_90+).
-    A projection launched with PDL calls it before ``enter`` for its weight rows: nothing in the step writes
-    the weights, so reading them early is safe, and their bytes then stream while the previous kernel
-    finishes (its tail leaves the memory system idle) instead of after it."""
-    if ENABLED:
-        tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
-                                  [row_ptrs, tl.zeros(row_ptrs.shape, tl.int32) + bytes_per_row],
-                                  dtype=tl.int32, is_pure=False, pack=1)
