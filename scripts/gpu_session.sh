@@ -50,8 +50,9 @@ SITE_PATH=${PYTHONPATH:-}
 # the GPU tests in TEST_WORKERS processes (default 8, as measured; 0: one) when pytest-xdist is there: they
 # are bound by Triton compiles and engine start-ups on the host's cores, and each test's engine takes little
 # GPU memory (its KV blocks are capped at what max_num_seqs x max_model_len can use)
+TEST_WORKERS=${TEST_WORKERS:-8}
 PARALLEL=""
-if [ "${TEST_WORKERS:-8}" != 0 ] && python3 -c "import xdist" 2>/dev/null; then PARALLEL="-n ${TEST_WORKERS:-8}"; fi
+if [ "$TEST_WORKERS" != 0 ] && python3 -c "import xdist" 2>/dev/null; then PARALLEL="-n $TEST_WORKERS"; fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 # whether CUDA C++ could be built here (torch.utils.cpp_extension): for kernels Triton cannot express
